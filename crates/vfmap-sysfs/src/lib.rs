@@ -1,1 +1,30 @@
-//! placeholder
+//! The sysfs adapter of vfmap: discovery of SR-IOV PFs and VFs, and driver binding.
+//!
+//! Every function works under a root directory (normally `/sys`), so tests run on generated
+//! trees and captured fixtures. Writes go through [`SysfsWriter`] so a test double can emulate
+//! the kernel's reactions.
+
+use std::io;
+use std::path::PathBuf;
+
+mod discover;
+mod prepare;
+
+pub use discover::Sysfs;
+pub use prepare::{
+    FileWriter, ModuleLoader, Modprobe, PrepareError, PrepareReport, SysfsWriter, prepare,
+};
+
+/// Failures reading a sysfs tree as a whole (per-device trouble is a `Problem` instead).
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    /// `<root>/bus/pci/devices` cannot be listed.
+    #[error("cannot list PCI devices in {}: is the sysfs root right? (expected <root>/bus/pci/devices)", path.display())]
+    ListDevices {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}

@@ -1,1 +1,441 @@
-//! placeholder
+//! Test doubles for vfmap (never used by what the README runs).
+//!
+//! - [`SysfsTree`] builds a sysfs tree in a directory laid out the way Linux lays it out:
+//!   device directories under `devices/pciDDDD:00/<root port>/`, `bus/pci/devices/*` symlinks
+//!   to them, `virtfnN`/`physfn`/`driver`/`iommu_group` links with relative targets, and a
+//!   `config` file per device so `lspci -A linux-sysfs` can read the same tree.
+//! - [`FakeKernel`] implements [`SysfsWriter`] by reacting to writes the way the PCI core does
+//!   (`sriov_numvfs` creates VFs, `unbind`/`drivers_probe`/`driver_override` move bindings,
+//!   vfio-pci refuses a device without an IOMMU group), and logs every write.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use vfmap_core::{Bdf, DriverName, PciId};
+use vfmap_sysfs::{ModuleLoader, SysfsWriter};
+
+/// An SR-IOV PF to add to a tree.
+#[derive(Debug, Clone)]
+pub struct PfSpec {
+    /// Location.
+    pub location: Bdf,
+    /// Vendor ID.
+    pub vendor: PciId,
+    /// Device ID of the PF.
+    pub device: PciId,
+    /// Device ID of its VFs (`sriov_vf_device`).
+    pub vf_device: PciId,
+    /// `sriov_totalvfs`.
+    pub total_vfs: u16,
+    /// VFs enabled at creation.
+    pub num_vfs: u16,
+    /// `sriov_offset`.
+    pub offset: u16,
+    /// `sriov_stride`.
+    pub stride: u16,
+    /// `numa_node` (-1 for none).
+    pub numa_node: i32,
+    /// Driver bound to the PF.
+    pub driver: Option<String>,
+    /// `sriov_drivers_autoprobe`.
+    pub autoprobe: bool,
+}
+
+impl PfSpec {
+    /// A PF like QEMU's emulated NVMe (1b36:0010) at `location`, with `total_vfs` VFs possible.
+    pub fn nvme(location: &str, total_vfs: u16) -> PfSpec {
+        PfSpec {
+            location: location.parse().expect("test PF location"),
+            vendor: PciId(0x1b36),
+            device: PciId(0x0010),
+            vf_device: PciId(0x0010),
+            total_vfs,
+            num_vfs: 0,
+            offset: 1,
+            stride: 1,
+            numa_node: 0,
+            driver: Some("nvme".into()),
+            autoprobe: true,
+        }
+    }
+
+    /// The same PF with `n` VFs enabled.
+    pub fn with_vfs(mut self, n: u16) -> PfSpec {
+        self.num_vfs = n;
+        self
+    }
+}
+
+/// A generated sysfs tree rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct SysfsTree {
+    root: PathBuf,
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+impl SysfsTree {
+    /// Creates the skeleton (`bus/pci/{devices,drivers,drivers_probe}`, `devices`,
+    /// `kernel/iommu_groups`) under `root` with the usual drivers registered.
+    pub fn new(root: impl Into<PathBuf>) -> SysfsTree {
+        let tree = SysfsTree { root: root.into() };
+        for dir in [
+            "bus/pci/devices",
+            "bus/pci/drivers",
+            "devices",
+            "kernel/iommu_groups",
+        ] {
+            fs::create_dir_all(tree.root.join(dir)).expect("create skeleton");
+        }
+        write(&tree.root.join("bus/pci/drivers_probe"), "");
+        for driver in ["nvme", "pcieport"] {
+            tree.add_driver(driver);
+        }
+        tree
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Registers a PCI driver (creates `bus/pci/drivers/<name>` with `bind`/`unbind`).
+    pub fn add_driver(&self, name: &str) {
+        let dir = self.root.join("bus/pci/drivers").join(name);
+        fs::create_dir_all(&dir).expect("create driver dir");
+        write(&dir.join("bind"), "");
+        write(&dir.join("unbind"), "");
+    }
+
+    /// `bus/pci/devices/<bdf>` (a symlink into `devices/`).
+    pub fn device_link(&self, bdf: Bdf) -> PathBuf {
+        self.root.join("bus/pci/devices").join(bdf.to_string())
+    }
+
+    /// The real directory of a device: `devices/pciDDDD:00/DDDD:00:XX.Y/<bdf>`, with the root
+    /// port chosen from the bus number so every bus gets its own port.
+    fn device_dir_rel(bdf: Bdf, parent_bus: u8) -> PathBuf {
+        let port = Bdf::new(bdf.domain, 0, (parent_bus >> 3) & 0x1f, parent_bus & 7)
+            .expect("port address in range");
+        PathBuf::from(format!("devices/pci{:04x}:00", bdf.domain))
+            .join(port.to_string())
+            .join(bdf.to_string())
+    }
+
+    /// Adds a PCI device directory with identity attributes and a `config` file.
+    fn add_device(&self, bdf: Bdf, parent_bus: u8, vendor: PciId, device: PciId, numa: i32) -> PathBuf {
+        let rel = SysfsTree::device_dir_rel(bdf, parent_bus);
+        let dir = self.root.join(&rel);
+        fs::create_dir_all(&dir).expect("create device dir");
+        write(&dir.join("vendor"), &format!("{vendor}\n"));
+        write(&dir.join("device"), &format!("{device}\n"));
+        write(&dir.join("class"), "0x010802\n");
+        write(&dir.join("numa_node"), &format!("{numa}\n"));
+        write(&dir.join("driver_override"), "(null)\n");
+        write(&dir.join("irq"), "0\n");
+        write(&dir.join("resource"), &"0x0000000000000000 0x0000000000000000 0x0000000000000000\n".repeat(13));
+        // Type-0 header: IDs, class code 01:08:02 (NVMe), so lspci has something real to parse.
+        let mut config = vec![0u8; 256];
+        config[0..2].copy_from_slice(&vendor.0.to_le_bytes());
+        config[2..4].copy_from_slice(&device.0.to_le_bytes());
+        config[9..12].copy_from_slice(&[0x02, 0x08, 0x01]);
+        fs::write(dir.join("config"), config).expect("write config");
+        symlink(Path::new("../../..").join(&rel), self.device_link(bdf)).expect("bus link");
+        dir
+    }
+
+    /// Adds an SR-IOV PF (and its enabled VFs), as the kernel would show it.
+    pub fn add_pf(&self, spec: &PfSpec) -> PathBuf {
+        let dir = self.add_device(spec.location, spec.location.bus, spec.vendor, spec.device, spec.numa_node);
+        write(&dir.join("sriov_totalvfs"), &format!("{}\n", spec.total_vfs));
+        write(&dir.join("sriov_numvfs"), "0\n");
+        write(&dir.join("sriov_offset"), &format!("{}\n", spec.offset));
+        write(&dir.join("sriov_stride"), &format!("{}\n", spec.stride));
+        // The kernel prints this one without "0x".
+        write(&dir.join("sriov_vf_device"), &format!("{:x}\n", spec.vf_device.0));
+        write(&dir.join("sriov_drivers_autoprobe"), &format!("{}\n", u8::from(spec.autoprobe)));
+        if let Some(driver) = &spec.driver {
+            self.add_driver(driver);
+            self.link_driver(spec.location, driver);
+        }
+        self.set_num_vfs(spec.location, spec.num_vfs, None)
+            .expect("enable VFs");
+        dir
+    }
+
+    /// Adds a plain (non-SR-IOV) device.
+    pub fn add_plain_device(&self, bdf: &str) -> Bdf {
+        let bdf: Bdf = bdf.parse().expect("device location");
+        self.add_device(bdf, bdf.bus, PciId(0x8086), PciId(0x100e), -1);
+        bdf
+    }
+
+    fn next_iommu_group(&self) -> u32 {
+        fs::read_dir(self.root.join("kernel/iommu_groups"))
+            .expect("list groups")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map_or(0, |g| g + 1)
+    }
+
+    /// Enables `n` VFs on `pf` (through 0 like the kernel), removing old ones. With
+    /// `autoprobe_driver` set, new VFs get that driver (what autoprobe would do).
+    pub fn set_num_vfs(&self, pf: Bdf, n: u16, autoprobe_driver: Option<&str>) -> io::Result<()> {
+        let pf_link = self.device_link(pf);
+        let pf_dir = fs::canonicalize(&pf_link)?;
+        let current: u16 = read(&pf_dir.join("sriov_numvfs")).parse().unwrap_or(0);
+        let offset: u16 = read(&pf_dir.join("sriov_offset")).parse().unwrap_or(1);
+        let stride: u16 = read(&pf_dir.join("sriov_stride")).parse().unwrap_or(1);
+        let vendor: PciId = read(&pf_dir.join("vendor")).parse().unwrap_or(PciId(0));
+        let vf_device: PciId = read(&pf_dir.join("sriov_vf_device")).parse().unwrap_or(PciId(0));
+        let numa: i32 = read(&pf_dir.join("numa_node")).parse().unwrap_or(-1);
+        for i in 0..current {
+            let Some(vf) = pf.vf_location(offset, stride, i) else { continue };
+            let vf_dir = pf_dir.parent().expect("PF has a parent").join(vf.to_string());
+            fs::remove_dir_all(vf_dir)?;
+            fs::remove_file(self.device_link(vf))?;
+            fs::remove_file(pf_dir.join(format!("virtfn{i}")))?;
+        }
+        let mut group = self.next_iommu_group();
+        for i in 0..n {
+            let vf = pf.vf_location(offset, stride, i).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "VF past the RID space")
+            })?;
+            // VFs are siblings of their PF in the device tree, whatever their bus number.
+            let vf_dir = self.add_device(vf, pf.bus, vendor, vf_device, numa);
+            symlink(format!("../{vf}"), pf_dir.join(format!("virtfn{i}")))?;
+            symlink(format!("../{pf}"), vf_dir.join("physfn"))?;
+            fs::create_dir_all(self.root.join(format!("kernel/iommu_groups/{group}")))?;
+            symlink(
+                format!("../../../../kernel/iommu_groups/{group}"),
+                vf_dir.join("iommu_group"),
+            )?;
+            group += 1;
+            if let Some(driver) = autoprobe_driver {
+                self.link_driver(vf, driver);
+            }
+        }
+        write(&pf_dir.join("sriov_numvfs"), &format!("{n}\n"));
+        Ok(())
+    }
+
+    /// Points `bdf`'s `driver` link at `bus/pci/drivers/<driver>`.
+    pub fn link_driver(&self, bdf: Bdf, driver: &str) {
+        let dir = self.device_link(bdf);
+        symlink(format!("../../../../bus/pci/drivers/{driver}"), dir.join("driver"))
+            .expect("driver link");
+    }
+
+    /// Removes `bdf`'s IOMMU group link (vfio-pci will then refuse it).
+    pub fn remove_iommu_group(&self, bdf: Bdf) {
+        fs::remove_file(self.device_link(bdf).join("iommu_group")).expect("remove group link");
+    }
+}
+
+/// A [`SysfsWriter`] that reacts like the Linux PCI core, over a [`SysfsTree`].
+#[derive(Debug)]
+pub struct FakeKernel {
+    tree: SysfsTree,
+    /// Driver that grabs new VFs while `sriov_drivers_autoprobe` is 1.
+    autoprobe_driver: Option<String>,
+    /// Drivers whose probe fails.
+    failing_drivers: HashSet<String>,
+    log: Mutex<Vec<(String, String)>>,
+}
+
+fn kernel_error(kind: io::ErrorKind, what: &str) -> io::Error {
+    io::Error::new(kind, what.to_owned())
+}
+
+impl FakeKernel {
+    /// A fake kernel over `tree`; new VFs stay unbound unless [`FakeKernel::autoprobe_to`] is set.
+    pub fn new(tree: SysfsTree) -> FakeKernel {
+        FakeKernel {
+            tree,
+            autoprobe_driver: None,
+            failing_drivers: HashSet::new(),
+            log: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// With autoprobe on, new VFs bind to `driver`.
+    pub fn autoprobe_to(mut self, driver: &str) -> FakeKernel {
+        self.tree.add_driver(driver);
+        self.autoprobe_driver = Some(driver.to_owned());
+        self
+    }
+
+    /// Makes every probe by `driver` fail.
+    pub fn fail_probe(mut self, driver: &str) -> FakeKernel {
+        self.failing_drivers.insert(driver.to_owned());
+        self
+    }
+
+    /// Every write so far: (path relative to the root, value).
+    pub fn writes(&self) -> Vec<(String, String)> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    fn probe(&self, bdf: Bdf) -> io::Result<()> {
+        let dir = self.tree.device_link(bdf);
+        if !dir.exists() {
+            return Err(kernel_error(io::ErrorKind::NotFound, "no such device"));
+        }
+        if dir.join("driver").exists() {
+            return Ok(()); // already bound: drivers_probe does nothing
+        }
+        let wanted = read(&dir.join("driver_override"));
+        if wanted == "(null)" || !self.tree.root.join("bus/pci/drivers").join(&wanted).is_dir() {
+            return Ok(()); // no driver matches: the device stays unbound, the write succeeds
+        }
+        let no_group = wanted == "vfio-pci" && !dir.join("iommu_group").exists();
+        if no_group || self.failing_drivers.contains(&wanted) {
+            return Ok(()); // probe failed: logged in dmesg, the write still succeeds
+        }
+        self.tree.link_driver(bdf, &wanted);
+        Ok(())
+    }
+}
+
+impl SysfsWriter for FakeKernel {
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        let rel = path
+            .strip_prefix(&self.tree.root)
+            .map_err(|_| kernel_error(io::ErrorKind::NotFound, "outside the tree"))?;
+        let rel_text = rel.to_string_lossy().into_owned();
+        self.log
+            .lock()
+            .expect("log lock")
+            .push((rel_text.clone(), value.to_owned()));
+        let parts: Vec<&str> = rel_text.split('/').collect();
+        let value = value.trim();
+        let invalid = || kernel_error(io::ErrorKind::InvalidInput, "Invalid argument");
+        match parts.as_slice() {
+            ["bus", "pci", "devices", dev, attr] => {
+                let bdf: Bdf = dev.parse().map_err(|_| invalid())?;
+                let dir = self.tree.device_link(bdf);
+                if !dir.join(attr).exists() {
+                    return Err(kernel_error(io::ErrorKind::NotFound, "No such file"));
+                }
+                match *attr {
+                    "sriov_numvfs" => {
+                        let n: u16 = value.parse().map_err(|_| invalid())?;
+                        let total: u16 = read(&dir.join("sriov_totalvfs")).parse().map_err(|_| invalid())?;
+                        let current: u16 = read(&dir.join("sriov_numvfs")).parse().map_err(|_| invalid())?;
+                        if n > total {
+                            return Err(kernel_error(io::ErrorKind::InvalidInput, "Numerical result out of range"));
+                        }
+                        if n == current {
+                            return Ok(());
+                        }
+                        if current != 0 && n != 0 {
+                            return Err(kernel_error(io::ErrorKind::ResourceBusy, "Device or resource busy"));
+                        }
+                        let autoprobe = read(&dir.join("sriov_drivers_autoprobe")) == "1";
+                        let driver = self.autoprobe_driver.as_deref().filter(|_| autoprobe);
+                        self.tree.set_num_vfs(bdf, n, driver)
+                    }
+                    "sriov_drivers_autoprobe" => match value {
+                        "0" | "1" => fs::write(dir.join(attr), format!("{value}\n")),
+                        _ => Err(invalid()),
+                    },
+                    "driver_override" => {
+                        let stored = if value.is_empty() { "(null)" } else { value };
+                        fs::write(dir.join(attr), format!("{stored}\n"))
+                    }
+                    _ => Err(kernel_error(io::ErrorKind::PermissionDenied, "Permission denied")),
+                }
+            }
+            ["bus", "pci", "drivers", driver, "unbind"] => {
+                let bdf: Bdf = value.parse().map_err(|_| invalid())?;
+                let link = self.tree.device_link(bdf).join("driver");
+                match fs::read_link(&link) {
+                    Ok(target) if target.file_name().and_then(|n| n.to_str()) == Some(driver) => {
+                        fs::remove_file(link)
+                    }
+                    _ => Err(kernel_error(io::ErrorKind::NotFound, "No such device")),
+                }
+            }
+            ["bus", "pci", "drivers_probe"] => self.probe(value.parse().map_err(|_| invalid())?),
+            _ => Err(kernel_error(io::ErrorKind::PermissionDenied, "Permission denied")),
+        }
+    }
+}
+
+/// A [`ModuleLoader`] that "loads" a module by registering the PCI driver of the same name.
+#[derive(Debug)]
+pub struct FakeModules {
+    tree: SysfsTree,
+    missing: HashSet<String>,
+    loaded: Mutex<Vec<String>>,
+}
+
+impl FakeModules {
+    /// Loader over `tree`; every module exists.
+    pub fn new(tree: SysfsTree) -> FakeModules {
+        FakeModules {
+            tree,
+            missing: HashSet::new(),
+            loaded: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Makes `module` fail to load as if not installed.
+    pub fn without(mut self, module: &str) -> FakeModules {
+        self.missing.insert(module.to_owned());
+        self
+    }
+
+    /// Modules loaded so far.
+    pub fn loaded(&self) -> Vec<String> {
+        self.loaded.lock().expect("loaded lock").clone()
+    }
+}
+
+impl ModuleLoader for FakeModules {
+    fn load(&self, module: &DriverName) -> Result<(), String> {
+        if self.missing.contains(module.as_str()) {
+            return Err(format!("modprobe: FATAL: Module {module} not found"));
+        }
+        self.tree.add_driver(module.as_str());
+        self.loaded.lock().expect("loaded lock").push(module.to_string());
+        Ok(())
+    }
+}
+
+/// Copies a directory tree, recreating symlinks with their targets unchanged (like `cp -a`),
+/// so a committed fixture can be modified by a test.
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            symlink(fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// The committed real-kernel fixture (see `tests/fixtures/README.md`).
+pub fn golden_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qemu-nvme-sriov")
+}

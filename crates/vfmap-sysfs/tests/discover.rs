@@ -1,0 +1,153 @@
+//! Discovery on generated trees and on the real-kernel golden fixture.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+
+use vfmap_core::{Bdf, PciId};
+use vfmap_sysfs::{Sysfs, SysfsError};
+use vfmap_testkit::{PfSpec, SysfsTree, golden_fixture};
+
+fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+#[test]
+fn finds_pfs_with_and_without_vfs_and_ignores_other_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_plain_device("0000:00:1f.0");
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(3));
+    tree.add_pf(&PfSpec::nvme("0000:01:00.0", 4));
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    assert_eq!(facts.pfs.len(), 2);
+    let (idle, busy) = (&facts.pfs[0], &facts.pfs[1]);
+    assert_eq!(idle.location, bdf("0000:01:00.0"));
+    assert_eq!((idle.total_vfs, idle.num_vfs, idle.vfs.len()), (Some(4), Some(0), 0));
+    assert_eq!(busy.num_vfs, Some(3));
+    assert_eq!(busy.vendor, Some(PciId(0x1b36)));
+    assert_eq!(busy.vf_device, Some(PciId(0x0010)));
+    assert_eq!(busy.driver.as_deref(), Some("nvme"));
+    assert_eq!(busy.drivers_autoprobe, Some(true));
+    let locations: Vec<String> = busy.vfs.iter().map(|v| v.location.to_string()).collect();
+    assert_eq!(locations, ["0000:3b:00.1", "0000:3b:00.2", "0000:3b:00.3"]);
+    assert_eq!(busy.vfs[2].vf_index, 2);
+    assert!(busy.vfs.iter().all(|v| v.driver.is_none() && v.driver_override.is_none()));
+    assert_eq!(busy.vfs[0].numa_node, Some(0));
+    let groups: Vec<_> = busy.vfs.iter().map(|v| v.iommu_group.unwrap()).collect();
+    assert_eq!(groups.len(), 3);
+    assert!(groups.windows(2).all(|w| w[0] != w[1]));
+}
+
+#[test]
+fn a_256_vf_pf_spills_onto_the_next_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 256).with_vfs(256));
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    let pf = &facts.pfs[0];
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    assert_eq!(pf.vfs.len(), 256);
+    assert_eq!(pf.vfs[254].location, bdf("0000:3b:1f.7"));
+    assert_eq!(pf.vfs[255].location, bdf("0000:3c:00.0"));
+    // VF numbers sort numerically, not as text (virtfn10 after virtfn9).
+    assert!(pf.vfs.iter().enumerate().all(|(i, v)| usize::from(v.vf_index) == i));
+}
+
+#[test]
+fn other_domains_and_strides() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    let mut spec = PfSpec::nvme("10000:e2:00.0", 16).with_vfs(4);
+    spec.offset = 0x80;
+    spec.stride = 2;
+    spec.numa_node = -1;
+    tree.add_pf(&spec);
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    let pf = &facts.pfs[0];
+    assert_eq!(pf.location.domain, 0x10000);
+    assert_eq!(pf.vfs[3].location, bdf("10000:e2:10.6"));
+    assert_eq!(pf.numa_node, None, "-1 means no NUMA affinity");
+}
+
+#[test]
+fn malformed_and_missing_attributes_are_problems_of_that_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(3));
+    tree.add_pf(&PfSpec::nvme("0000:5e:00.0", 8).with_vfs(2));
+    let pf = tree.device_link(bdf("0000:3b:00.0"));
+    let vf1 = tree.device_link(bdf("0000:3b:00.2"));
+    fs::write(pf.join("vendor"), "acme\n").unwrap();
+    fs::remove_file(pf.join("sriov_vf_device")).unwrap();
+    fs::write(vf1.join("numa_node"), "lots\n").unwrap();
+    fs::remove_file(vf1.join("iommu_group")).unwrap();
+    symlink("../../../../kernel/iommu_groups/x", vf1.join("iommu_group")).unwrap();
+    symlink("../not-a-device", pf.join("virtfn7")).unwrap();
+    symlink("../0000:3b:00.6", pf.join("virtfn5")).unwrap();
+    symlink("../0000:3b:00.1", pf.join("virtfnX")).unwrap();
+
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    let broken = &facts.pfs[0];
+    assert_eq!(broken.vendor, None);
+    assert_eq!(broken.vf_device, None);
+    assert_eq!(broken.vfs[1].numa_node, None);
+    assert_eq!(broken.vfs[1].iommu_group, None);
+    let attrs: Vec<(&str, &str)> = facts
+        .problems
+        .iter()
+        .map(|p| (p.device.as_str(), p.attribute.as_str()))
+        .collect();
+    for want in [
+        ("0000:3b:00.0", "vendor"),
+        ("0000:3b:00.2", "numa_node"),
+        ("0000:3b:00.2", "iommu_group"),
+        ("0000:3b:00.0", "virtfn7"),
+        ("0000:3b:00.0", "virtfn5"),
+        ("0000:3b:00.0", "virtfnX"),
+        ("0000:3b:00.0", "sriov_numvfs"),
+    ] {
+        assert!(attrs.contains(&want), "missing {want:?} in {attrs:?}");
+    }
+    // The healthy PF is untouched by its neighbour's trouble.
+    let healthy = &facts.pfs[1];
+    assert_eq!(healthy.vfs.len(), 2);
+    assert!(facts.problems.iter().all(|p| !p.device.starts_with("0000:5e")));
+}
+
+#[test]
+fn a_wrong_root_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Sysfs::new(dir.path().join("nope")).discover().unwrap_err();
+    assert!(matches!(err, SysfsError::ListDevices { .. }));
+    assert!(err.to_string().contains("is the sysfs root right?"), "{err}");
+}
+
+#[test]
+fn golden_real_kernel_tree() {
+    let facts = Sysfs::new(golden_fixture()).discover().unwrap();
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    assert_eq!(facts.pfs.len(), 1);
+    let pf = &facts.pfs[0];
+    assert_eq!(pf.location, bdf("0000:01:00.0"));
+    assert_eq!((pf.vendor, pf.device), (Some(PciId(0x1b36)), Some(PciId(0x0010))));
+    assert_eq!((pf.total_vfs, pf.num_vfs), (Some(3), Some(3)));
+    assert_eq!(pf.vf_device, Some(PciId(0x0010)), "the VFs share the PF's ID");
+    assert_eq!(pf.drivers_autoprobe, Some(false));
+    assert_eq!(pf.driver.as_deref(), Some("nvme"));
+    assert_eq!(pf.numa_node, None);
+    let vfs: Vec<(String, Option<&str>, Option<&str>)> = pf
+        .vfs
+        .iter()
+        .map(|v| (v.location.to_string(), v.driver.as_deref(), v.driver_override.as_deref()))
+        .collect();
+    assert_eq!(
+        vfs,
+        [
+            ("0000:01:00.1".into(), Some("vfio-pci"), Some("vfio-pci")),
+            ("0000:01:00.2".into(), Some("pci-stub"), Some("pci-stub")),
+            ("0000:01:00.3".into(), None, None),
+        ]
+    );
+    assert!(pf.vfs.iter().all(|v| v.iommu_group.is_some()));
+}

@@ -1,0 +1,18 @@
+# Helpers for the guest scenario scripts.
+
+# wait_for_link PATH SECONDS: wait until PATH exists (drivers may probe asynchronously).
+wait_for_link() {
+    i=0
+    while [ ! -e "$1" ] && [ "$i" -lt "$(($2 * 10))" ]; do sleep 0.1; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+
+# section NAME COMMAND...: run COMMAND, framing its output and exit code for the host to parse.
+section() {
+    name=$1; shift
+    echo "VFMAP-BEGIN $name"
+    "$@" 2>&1
+    rc=$?
+    echo "VFMAP-END $name rc=$rc"
+    return $rc
+}
