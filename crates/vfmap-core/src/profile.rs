@@ -17,11 +17,11 @@ pub const DEFAULT_HOST_DRIVER: &str = "vfio-pci";
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     /// Not TOML, an unknown key, or a value of the wrong type.
-    #[error("{file}: {message}")]
+    #[error("{file}:{message}")]
     Syntax {
         /// Where the text came from.
         file: String,
-        /// The TOML parser's message, with line and column.
+        /// `line:column: message`, from the TOML parser.
         message: String,
     },
     /// Well-formed TOML whose values break a rule.
@@ -307,9 +307,18 @@ struct FunctionSpec {
 impl Profiles {
     /// Parses and validates the text of a profile file; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Profiles, ProfileError> {
-        let raw: ProfileFile = toml::from_str(text).map_err(|e| ProfileError::Syntax {
-            file: file.to_owned(),
-            message: e.to_string().trim_end().replace('\n', "\n    "),
+        let raw: ProfileFile = toml::from_str(text).map_err(|e| {
+            // One line, `file:line:column: message`, like a compiler.
+            let position = e.span().map_or_else(String::new, |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("{line}:{column}: ")
+            });
+            ProfileError::Syntax {
+                file: file.to_owned(),
+                message: format!("{position}{}", e.message().trim().replace('\n', " ")),
+            }
         })?;
         let mut profiles = Profiles::default();
         for (i, spec) in raw.card.into_iter().enumerate() {
@@ -579,7 +588,7 @@ host_driver = "vfio-pci"
     #[test]
     fn rejects_unknown_keys() {
         let e = err(&with("colour = \"red\"", "name = \"a\"\nvfs = \"0\"\nguest_driver = \"x\""));
-        assert!(e.starts_with("p.toml: "), "{e}");
+        assert!(e.starts_with("p.toml:6:1: "), "{e}");
         assert!(e.contains("colour"), "{e}");
         let e = err(&with("", "name = \"a\"\nvfs = \"0\"\nguest_drvier = \"x\""));
         assert!(e.contains("guest_drvier"), "{e}");
@@ -642,9 +651,12 @@ host_driver = "vfio-pci"
     }
 
     #[test]
-    fn syntax_errors_name_the_file() {
+    fn syntax_errors_name_the_file_line_and_column_on_one_line() {
+        let e = err("[[card]]\nname = \"a\"\nvendor = 7\n");
+        assert!(e.starts_with("p.toml:3:10: "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
         let e = err("[[card]\nname=");
-        assert!(e.starts_with("p.toml: "), "{e}");
+        assert!(e.starts_with("p.toml:1:"), "{e}");
     }
 
     #[test]

@@ -1,1 +1,258 @@
-fn main(){}
+//! `vfmap`: inventory and prepare SR-IOV hosts whose VFs carry different functions.
+
+mod render;
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use vfmap_core::{Profiles, Tables, plan_binds, plan_sriov};
+use vfmap_sysfs::{FileWriter, Modprobe, PrepareError, Sysfs, prepare};
+
+/// Per-function SR-IOV VF pass-through: inventory and prepare the host.
+#[derive(Debug, Parser)]
+#[command(name = "vfmap", version, about, propagate_version = true)]
+struct Cli {
+    /// Print one JSON document on stdout instead of text (errors too).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show SR-IOV PFs, their VFs and the two tables (global index -> function, -> location).
+    /// Read-only.
+    Inventory {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Make the host match the profiles: VF counts, autoprobe off, each VF bound to its
+    /// function's host driver. Idempotent.
+    Prepare {
+        #[command(flatten)]
+        host: HostArgs,
+        /// Show what would change (for VFs that exist now) without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for a driver that probes asynchronously, in milliseconds.
+        #[arg(long, default_value_t = 5000, value_name = "MS")]
+        settle_ms: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct HostArgs {
+    /// Root of the sysfs tree to read (and, for prepare, write).
+    #[arg(long, default_value = "/sys", value_name = "DIR")]
+    sysfs_root: PathBuf,
+    /// Device profile file(s) (TOML, see docs/profiles.md); repeat for several.
+    #[arg(long = "profiles", value_name = "FILE")]
+    profiles: Vec<PathBuf>,
+}
+
+/// Exit codes scripts can rely on (documented in README.md).
+mod exit {
+    /// Bad arguments or profiles: fix the input.
+    pub const BAD_INPUT: u8 = 2;
+    /// The host is not in a state that allows the change; nothing was changed.
+    pub const REFUSED: u8 = 3;
+    /// A read or write on the host failed.
+    pub const FAILED: u8 = 1;
+}
+
+/// An error with the exit code and stable code it maps to.
+struct Failure {
+    exit: u8,
+    code: &'static str,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn new(exit: u8, code: &'static str, error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            exit,
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            // One line: the error and its causes joined, the way operators grep logs.
+            let message = failure
+                .error
+                .chain()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+            if json {
+                let doc = serde_json::json!({"error": {"code": failure.code, "message": message}});
+                println!("{doc}");
+            }
+            eprintln!("vfmap: error: {message}");
+            ExitCode::from(failure.exit)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Inventory { host } => inventory(&host, cli.json),
+        Command::Prepare {
+            host,
+            dry_run,
+            settle_ms,
+        } => run_prepare(&host, cli.json, dry_run, Duration::from_millis(settle_ms)),
+    }
+}
+
+fn load_profiles(paths: &[PathBuf]) -> Result<Profiles, Failure> {
+    let mut profiles = Profiles::default();
+    for path in paths {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read profile file {name}"))
+            .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
+        let parsed = Profiles::parse(&text, &name)
+            .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
+        for card in parsed.cards {
+            profiles
+                .add_card(card, &name)
+                .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
+        }
+    }
+    Ok(profiles)
+}
+
+fn discover(root: &Path) -> Result<vfmap_core::HostFacts, Failure> {
+    Sysfs::new(root)
+        .discover()
+        .map_err(|e| Failure::new(exit::FAILED, "sysfs", e))
+}
+
+fn print_json(value: &impl Serialize) -> Result<(), Failure> {
+    let stdout = io::stdout().lock();
+    let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+    serde_json::to_writer(&mut out, value)
+        .map_err(io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::new(exit::FAILED, "output", e))
+}
+
+#[derive(Serialize)]
+struct InventoryDoc<'a> {
+    sysfs_root: &'a Path,
+    #[serde(flatten)]
+    tables: &'a Tables,
+}
+
+fn inventory(host: &HostArgs, json: bool) -> Result<(), Failure> {
+    let profiles = load_profiles(&host.profiles)?;
+    let facts = discover(&host.sysfs_root)?;
+    let tables = Tables::build(&facts, &profiles);
+    if json {
+        print_json(&InventoryDoc {
+            sysfs_root: &host.sysfs_root,
+            tables: &tables,
+        })
+    } else {
+        let text = render::inventory(&tables, &host.sysfs_root);
+        io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .map_err(|e| Failure::new(exit::FAILED, "output", e))
+    }
+}
+
+#[derive(Serialize)]
+struct PrepareDoc<'a> {
+    dry_run: bool,
+    changed: bool,
+    steps: &'a [vfmap_core::Step],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tables: Option<&'a Tables>,
+}
+
+fn run_prepare(host: &HostArgs, json: bool, dry_run: bool, settle: Duration) -> Result<(), Failure> {
+    if host.profiles.is_empty() {
+        return Err(Failure::new(
+            exit::BAD_INPUT,
+            "bad_arguments",
+            anyhow::anyhow!("prepare needs --profiles FILE: it makes the host match them"),
+        ));
+    }
+    let profiles = load_profiles(&host.profiles)?;
+    let sysfs = Sysfs::new(&host.sysfs_root);
+
+    if dry_run {
+        let facts = discover(&host.sysfs_root)?;
+        let mut steps = plan_sriov(&facts, &profiles)
+            .map_err(|e| Failure::new(exit::REFUSED, "refused", PrepareError::Refused(e)))?;
+        steps.extend(plan_binds(&Tables::build(&facts, &profiles)));
+        if json {
+            return print_json(&PrepareDoc {
+                dry_run,
+                changed: false,
+                steps: &steps,
+                tables: None,
+            });
+        }
+        if steps.is_empty() {
+            println!("nothing to do: the host already matches the profiles");
+        }
+        for step in &steps {
+            println!("would: {step}");
+        }
+        return Ok(());
+    }
+
+    let started = Instant::now();
+    let mut count = 0usize;
+    let mut on_step = |step: &vfmap_core::Step| {
+        count += 1;
+        if !json {
+            eprintln!("[{:>6.2}s] {step}", started.elapsed().as_secs_f64());
+        }
+    };
+    let report = prepare(&sysfs, &profiles, &FileWriter, &Modprobe, settle, &mut on_step)
+        .map_err(|e| match e {
+            PrepareError::Refused(_) => Failure::new(exit::REFUSED, "refused", e),
+            other => Failure::new(exit::FAILED, "prepare_failed", other),
+        })?;
+    if json {
+        return print_json(&PrepareDoc {
+            dry_run,
+            changed: !report.steps.is_empty(),
+            steps: &report.steps,
+            tables: Some(&report.tables),
+        });
+    }
+    let bound = report
+        .tables
+        .vfs
+        .iter()
+        .filter(|v| v.host_driver.is_some())
+        .count();
+    if report.steps.is_empty() {
+        println!("nothing to do: the host already matches the profiles ({bound} VFs with a function)");
+    } else {
+        println!(
+            "prepared: {} changes in {:.2}s; {bound} VFs with a function are bound to their host driver",
+            report.steps.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
