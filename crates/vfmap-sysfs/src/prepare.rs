@@ -62,7 +62,7 @@ impl ModuleLoader for Modprobe {
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     /// The planner refused; nothing was written.
-    #[error("refusing to prepare; nothing was changed:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    #[error("refusing to prepare; nothing was changed: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Refused(Vec<PlanError>),
     /// Discovery failed.
     #[error(transparent)]

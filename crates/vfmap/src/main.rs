@@ -223,7 +223,7 @@ fn run_prepare(host: &HostArgs, json: bool, dry_run: bool, settle: Duration) -> 
     let mut on_step = |step: &vfmap_core::Step| {
         count += 1;
         if !json {
-            eprintln!("[{:>6.2}s] {step}", started.elapsed().as_secs_f64());
+            eprintln!("{:>7.2}s  {step}", started.elapsed().as_secs_f64());
         }
     };
     let report = prepare(&sysfs, &profiles, &FileWriter, &Modprobe, settle, &mut on_step)
