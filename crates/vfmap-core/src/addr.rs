@@ -64,7 +64,8 @@ impl Bdf {
     /// Where the kernel puts VF `vf_index` of this PF: RID = PF RID + offset + stride·index
     /// (PCIe SR-IOV spec 9.3.3.9/10). `None` when that would leave the 16-bit RID space.
     pub fn vf_location(self, offset: u16, stride: u16, vf_index: u16) -> Option<Bdf> {
-        let rid = u32::from(self.rid()) + u32::from(offset) + u32::from(stride) * u32::from(vf_index);
+        let rid =
+            u32::from(self.rid()) + u32::from(offset) + u32::from(stride) * u32::from(vf_index);
         u16::try_from(rid)
             .ok()
             .map(|rid| Bdf::from_rid(self.domain, rid))
@@ -146,8 +147,7 @@ impl FromStr for PciId {
             .strip_prefix("0x")
             .or_else(|| s.strip_prefix("0X"))
             .unwrap_or(s);
-        if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(AddrError::MalformedId(s.to_owned()));
         }
         u16::from_str_radix(digits, 16)
@@ -175,7 +175,12 @@ mod tests {
 
     #[test]
     fn bdf_round_trips() {
-        for text in ["0000:00:00.0", "0000:3b:00.1", "0001:ff:1f.7", "10000:01:00.0"] {
+        for text in [
+            "0000:00:00.0",
+            "0000:3b:00.1",
+            "0001:ff:1f.7",
+            "10000:01:00.0",
+        ] {
             let bdf: Bdf = text.parse().unwrap();
             assert_eq!(bdf.to_string(), text);
         }
@@ -221,9 +226,18 @@ mod tests {
     fn vf_locations_cross_a_bus_boundary() {
         let pf: Bdf = "0000:3b:00.0".parse().unwrap();
         assert_eq!(pf.vf_location(1, 1, 0).unwrap().to_string(), "0000:3b:00.1");
-        assert_eq!(pf.vf_location(1, 1, 254).unwrap().to_string(), "0000:3b:1f.7");
-        assert_eq!(pf.vf_location(1, 1, 255).unwrap().to_string(), "0000:3c:00.0");
-        assert_eq!(pf.vf_location(0x80, 2, 3).unwrap().to_string(), "0000:3b:10.6");
+        assert_eq!(
+            pf.vf_location(1, 1, 254).unwrap().to_string(),
+            "0000:3b:1f.7"
+        );
+        assert_eq!(
+            pf.vf_location(1, 1, 255).unwrap().to_string(),
+            "0000:3c:00.0"
+        );
+        assert_eq!(
+            pf.vf_location(0x80, 2, 3).unwrap().to_string(),
+            "0000:3b:10.6"
+        );
         let last: Bdf = "0000:ff:1f.0".parse().unwrap();
         assert_eq!(last.vf_location(1, 1, 7), None);
     }

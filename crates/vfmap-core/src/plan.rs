@@ -295,14 +295,21 @@ guest_driver = "pci-stub"
 
     #[test]
     fn matching_count_with_autoprobe_off_is_nothing_to_do() {
-        assert!(plan_sriov(&facts(pf(3, false, None)), &profiles()).unwrap().is_empty());
+        assert!(
+            plan_sriov(&facts(pf(3, false, None)), &profiles())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn refuses_to_change_count_under_bound_vfs() {
         let errors = plan_sriov(&facts(pf(2, false, Some("vfio-pci"))), &profiles()).unwrap_err();
         let text = errors[0].to_string();
-        assert!(text.contains("refusing to change sriov_numvfs from 2 to 3"), "{text}");
+        assert!(
+            text.contains("refusing to change sriov_numvfs from 2 to 3"),
+            "{text}"
+        );
         assert!(text.contains("0000:01:00.1 bound to vfio-pci"), "{text}");
         assert!(text.contains("set num_vfs = 2 in p.toml"), "{text}");
     }
@@ -312,8 +319,19 @@ guest_driver = "pci-stub"
         let mut p = pf(0, false, None);
         p.total_vfs = Some(2);
         let errors = plan_sriov(&facts(p), &profiles()).unwrap_err();
-        assert!(matches!(errors[0], PlanError::TooManyVfs { wanted: 3, total: 2, .. }));
-        assert!(errors[0].to_string().starts_with("p.toml: card \"acme\", field `num_vfs`"));
+        assert!(matches!(
+            errors[0],
+            PlanError::TooManyVfs {
+                wanted: 3,
+                total: 2,
+                ..
+            }
+        ));
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("p.toml: card \"acme\", field `num_vfs`")
+        );
     }
 
     #[test]
@@ -321,7 +339,13 @@ guest_driver = "pci-stub"
         let mut p = pf(0, false, None);
         p.drivers_autoprobe = None;
         let errors = plan_sriov(&facts(p), &profiles()).unwrap_err();
-        assert!(matches!(errors[0], PlanError::Unreadable { attribute: "sriov_drivers_autoprobe", .. }));
+        assert!(matches!(
+            errors[0],
+            PlanError::Unreadable {
+                attribute: "sriov_drivers_autoprobe",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -332,9 +356,14 @@ guest_driver = "pci-stub"
         let t = Tables::build(&facts(p), &profiles());
         let steps = plan_binds(&t);
         assert_eq!(steps.len(), 2, "{steps:?}");
-        assert!(matches!(&steps[0], Step::Bind { unbind_from: None, driver, .. } if driver.as_str() == "vfio-pci"));
+        assert!(
+            matches!(&steps[0], Step::Bind { unbind_from: None, driver, .. } if driver.as_str() == "vfio-pci")
+        );
         assert!(matches!(&steps[1], Step::PinOverride { .. }));
-        assert_eq!(steps[1].to_string(), "0000:01:00.2: pin driver_override = vfio-pci");
+        assert_eq!(
+            steps[1].to_string(),
+            "0000:01:00.2: pin driver_override = vfio-pci"
+        );
     }
 
     #[test]

@@ -137,7 +137,9 @@ impl VfSet {
                 }
             };
             if first > last {
-                return Err(format!("range {part:?} runs backwards; write {last}-{first}"));
+                return Err(format!(
+                    "range {part:?} runs backwards; write {last}-{first}"
+                ));
             }
             for vf in first..=last {
                 if !set.insert(vf) {
@@ -453,7 +455,10 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
         };
         let name = FunctionName::new(&f.name).map_err(|p| invalid("name", p))?;
         if functions.iter().any(|g| g.desc.name == name) {
-            return Err(invalid("name", "the card already has a function of this name".into()));
+            return Err(invalid(
+                "name",
+                "the card already has a function of this name".into(),
+            ));
         }
         let vfs = VfSet::parse(&f.vfs).map_err(|p| invalid("vfs", p))?;
         if let Some(max) = vfs.max()
@@ -470,7 +475,10 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
                 },
             ));
         }
-        if let Some(other) = functions.iter().find(|g| vfs.iter().any(|v| g.vfs.contains(v))) {
+        if let Some(other) = functions
+            .iter()
+            .find(|g| vfs.iter().any(|v| g.vfs.contains(v)))
+        {
             let shared: VfSet = VfSet(vfs.iter().filter(|v| other.vfs.contains(*v)).collect());
             return Err(invalid(
                 "vfs",
@@ -562,16 +570,27 @@ host_driver = "vfio-pci"
         assert_eq!(VfSet::parse("0-1,4").unwrap().to_string(), "0-1,4");
         assert_eq!(VfSet::parse(" 7 , 0-2 ").unwrap().to_string(), "0-2,7");
         assert_eq!(VfSet::parse("5").unwrap().len(), 1);
-        for bad in ["", " ", "a", "1-", "-1", "3-1", "1,1", "0-3,2", "70000", "1;2"] {
+        for bad in [
+            "", " ", "a", "1-", "-1", "3-1", "1,1", "0-3,2", "70000", "1;2",
+        ] {
             assert!(VfSet::parse(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn errors_name_file_card_function_and_field() {
-        let e = err(&with("", "name = \"crypto\"\nvfs = \"0-4\"\nguest_driver = \"x\""));
-        assert!(e.starts_with("p.toml: card \"c\" (#1), function \"crypto\", field `vfs`"), "{e}");
-        assert!(e.contains("VF 4 is past num_vfs = 4 (valid VF numbers are 0-3)"), "{e}");
+        let e = err(&with(
+            "",
+            "name = \"crypto\"\nvfs = \"0-4\"\nguest_driver = \"x\"",
+        ));
+        assert!(
+            e.starts_with("p.toml: card \"c\" (#1), function \"crypto\", field `vfs`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("VF 4 is past num_vfs = 4 (valid VF numbers are 0-3)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -587,7 +606,10 @@ host_driver = "vfio-pci"
 
     #[test]
     fn rejects_unknown_keys() {
-        let e = err(&with("colour = \"red\"", "name = \"a\"\nvfs = \"0\"\nguest_driver = \"x\""));
+        let e = err(&with(
+            "colour = \"red\"",
+            "name = \"a\"\nvfs = \"0\"\nguest_driver = \"x\"",
+        ));
         assert!(e.starts_with("p.toml:6:1: "), "{e}");
         assert!(e.contains("colour"), "{e}");
         let e = err(&with("", "name = \"a\"\nvfs = \"0\"\nguest_drvier = \"x\""));
@@ -598,13 +620,31 @@ host_driver = "vfio-pci"
     fn rejects_bad_names_and_drivers() {
         for (function, field) in [
             ("name = \"\"\nvfs = \"0\"\nguest_driver = \"x\"", "name"),
-            ("name = \"Crypto\"\nvfs = \"0\"\nguest_driver = \"x\"", "name"),
+            (
+                "name = \"Crypto\"\nvfs = \"0\"\nguest_driver = \"x\"",
+                "name",
+            ),
             ("name = \"a/b\"\nvfs = \"0\"\nguest_driver = \"x\"", "name"),
-            ("name = \"a\"\nvfs = \"0\"\nguest_driver = \"../evil\"", "guest_driver"),
-            ("name = \"a\"\nvfs = \"0\"\nguest_driver = \"a b\"", "guest_driver"),
-            ("name = \"a\"\nvfs = \"0\"\nguest_driver = \"\"", "guest_driver"),
-            ("name = \"a\"\nvfs = \"0\"\nguest_driver = \"x\"\nhost_driver = \"vfio/pci\"", "host_driver"),
-            ("name = \"a\"\nvfs = \"0\"\nguest_driver = \"-x\"", "guest_driver"),
+            (
+                "name = \"a\"\nvfs = \"0\"\nguest_driver = \"../evil\"",
+                "guest_driver",
+            ),
+            (
+                "name = \"a\"\nvfs = \"0\"\nguest_driver = \"a b\"",
+                "guest_driver",
+            ),
+            (
+                "name = \"a\"\nvfs = \"0\"\nguest_driver = \"\"",
+                "guest_driver",
+            ),
+            (
+                "name = \"a\"\nvfs = \"0\"\nguest_driver = \"x\"\nhost_driver = \"vfio/pci\"",
+                "host_driver",
+            ),
+            (
+                "name = \"a\"\nvfs = \"0\"\nguest_driver = \"-x\"",
+                "guest_driver",
+            ),
         ] {
             let e = err(&with("", function));
             assert!(e.contains(&format!("field `{field}`")), "{function}: {e}");
@@ -616,11 +656,26 @@ host_driver = "vfio-pci"
     #[test]
     fn rejects_bad_ids_counts_and_pf() {
         for (card, field) in [
-            ("[[card]]\nname = \"c\"\nvendor = \"acme\"\ndevice = \"0x2\"\nnum_vfs = 1\n", "vendor"),
-            ("[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x12345\"\nnum_vfs = 1\n", "device"),
-            ("[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\nnum_vfs = -1\n", "num_vfs"),
-            ("[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\nnum_vfs = 70000\n", "num_vfs"),
-            ("[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\npf = \"3b:00.0\"\nnum_vfs = 1\n", "pf"),
+            (
+                "[[card]]\nname = \"c\"\nvendor = \"acme\"\ndevice = \"0x2\"\nnum_vfs = 1\n",
+                "vendor",
+            ),
+            (
+                "[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x12345\"\nnum_vfs = 1\n",
+                "device",
+            ),
+            (
+                "[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\nnum_vfs = -1\n",
+                "num_vfs",
+            ),
+            (
+                "[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\nnum_vfs = 70000\n",
+                "num_vfs",
+            ),
+            (
+                "[[card]]\nname = \"c\"\nvendor = \"0x1\"\ndevice = \"0x2\"\npf = \"3b:00.0\"\nnum_vfs = 1\n",
+                "pf",
+            ),
         ] {
             let e = err(card);
             assert!(e.contains(&format!("field `{field}`")), "{card}: {e}");
@@ -635,13 +690,25 @@ host_driver = "vfio-pci"
                  [[card.function]]\nname = \"f\"\nvfs = \"0\"\nguest_driver = \"{driver}\"\n"
             )
         };
-        let e = err(&format!("{}{}", card("a", "", "x"), card("a", "pf = \"0000:01:00.0\"\n", "x")));
+        let e = err(&format!(
+            "{}{}",
+            card("a", "", "x"),
+            card("a", "pf = \"0000:01:00.0\"\n", "x")
+        ));
         assert!(e.contains("same name"), "{e}");
         let e = err(&format!("{}{}", card("a", "", "x"), card("b", "", "x")));
         assert!(e.contains("already matches the same PFs"), "{e}");
-        let e = err(&format!("{}{}", card("a", "", "x"), card("b", "pf = \"0000:01:00.0\"\n", "y")));
+        let e = err(&format!(
+            "{}{}",
+            card("a", "", "x"),
+            card("b", "pf = \"0000:01:00.0\"\n", "y")
+        ));
         assert!(e.contains("must mean the same drivers"), "{e}");
-        let ok = format!("{}{}", card("a", "", "x"), card("b", "pf = \"0000:01:00.0\"\n", "x"));
+        let ok = format!(
+            "{}{}",
+            card("a", "", "x"),
+            card("b", "pf = \"0000:01:00.0\"\n", "x")
+        );
         let p = Profiles::parse(&ok, "p.toml").unwrap();
         let pf: Bdf = "0000:01:00.0".parse().unwrap();
         let other: Bdf = "0000:02:00.0".parse().unwrap();

@@ -267,9 +267,17 @@ guest_driver = "igbvf"
         assert_eq!(t.function_of(3).unwrap().as_str(), "net");
         assert_eq!(t.function_of(99), None);
         assert_eq!(t.indexes_of("crypto").collect::<Vec<_>>(), vec![0, 1, 4, 5]);
-        let crypto = t.functions.iter().find(|f| f.name.as_str() == "crypto").unwrap();
+        let crypto = t
+            .functions
+            .iter()
+            .find(|f| f.name.as_str() == "crypto")
+            .unwrap();
         assert_eq!(crypto.total, 4);
-        assert_eq!(t.vfs[0].device, Some(PciId(0x0011)), "VF device is sriov_vf_device");
+        assert_eq!(
+            t.vfs[0].device,
+            Some(PciId(0x0011)),
+            "VF device is sriov_vf_device"
+        );
         assert!(t.problems.is_empty());
         // Same input, same tables.
         assert_eq!(t, Tables::build(&facts, &profiles));
@@ -286,7 +294,11 @@ guest_driver = "igbvf"
         let profiles = Profiles::parse(PROFILE, "p.toml").unwrap();
         let t = Tables::build(&facts, &profiles);
         assert_eq!(t.vfs.len(), 2);
-        assert!(t.vfs.iter().all(|v| v.function.is_none() && v.card.is_none()));
+        assert!(
+            t.vfs
+                .iter()
+                .all(|v| v.function.is_none() && v.card.is_none())
+        );
         assert_eq!(t.pfs[0].wanted_vfs, Some(4));
         assert_eq!(t.problems.len(), 1);
         assert!(

@@ -82,7 +82,9 @@ impl Sysfs {
                 reader.problem("name", "the directory name is not a PCI address".into());
                 continue;
             };
-            facts.pfs.push(read_pf(&devices, location, total_vfs, reader));
+            facts
+                .pfs
+                .push(read_pf(&devices, location, total_vfs, reader));
         }
         facts.pfs.sort_by_key(|pf| pf.location);
         Ok(facts)
@@ -123,12 +125,18 @@ fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceRead
             continue;
         };
         let Ok(vf_location) = name.parse::<Bdf>() else {
-            reader.problem(&link, format!("points to {name:?}, which is not a PCI address"));
+            reader.problem(
+                &link,
+                format!("points to {name:?}, which is not a PCI address"),
+            );
             continue;
         };
         let vf_dir = devices.join(&name);
         if !vf_dir.is_dir() {
-            reader.problem(&link, format!("points to {name}, which has no device directory"));
+            reader.problem(
+                &link,
+                format!("points to {name}, which has no device directory"),
+            );
         }
         let mut vf_reader = DeviceReader::new(&vf_dir, &name, reader.problems);
         vfs.push(VfFacts {
@@ -150,7 +158,10 @@ fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceRead
     {
         reader.problem(
             "sriov_numvfs",
-            format!("says {n} VFs, but {} virtfn links resolve to VFs", vfs.len()),
+            format!(
+                "says {n} VFs, but {} virtfn links resolve to VFs",
+                vfs.len()
+            ),
         );
     }
     PfFacts {

@@ -12,7 +12,7 @@ mod prepare;
 
 pub use discover::Sysfs;
 pub use prepare::{
-    FileWriter, ModuleLoader, Modprobe, PrepareError, PrepareReport, SysfsWriter, prepare,
+    FileWriter, Modprobe, ModuleLoader, PrepareError, PrepareReport, SysfsWriter, prepare,
 };
 
 /// Failures reading a sysfs tree as a whole (per-device trouble is a `Problem` instead).

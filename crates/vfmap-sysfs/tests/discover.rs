@@ -23,7 +23,10 @@ fn finds_pfs_with_and_without_vfs_and_ignores_other_devices() {
     assert_eq!(facts.pfs.len(), 2);
     let (idle, busy) = (&facts.pfs[0], &facts.pfs[1]);
     assert_eq!(idle.location, bdf("0000:01:00.0"));
-    assert_eq!((idle.total_vfs, idle.num_vfs, idle.vfs.len()), (Some(4), Some(0), 0));
+    assert_eq!(
+        (idle.total_vfs, idle.num_vfs, idle.vfs.len()),
+        (Some(4), Some(0), 0)
+    );
     assert_eq!(busy.num_vfs, Some(3));
     assert_eq!(busy.vendor, Some(PciId(0x1b36)));
     assert_eq!(busy.vf_device, Some(PciId(0x0010)));
@@ -32,7 +35,11 @@ fn finds_pfs_with_and_without_vfs_and_ignores_other_devices() {
     let locations: Vec<String> = busy.vfs.iter().map(|v| v.location.to_string()).collect();
     assert_eq!(locations, ["0000:3b:00.1", "0000:3b:00.2", "0000:3b:00.3"]);
     assert_eq!(busy.vfs[2].vf_index, 2);
-    assert!(busy.vfs.iter().all(|v| v.driver.is_none() && v.driver_override.is_none()));
+    assert!(
+        busy.vfs
+            .iter()
+            .all(|v| v.driver.is_none() && v.driver_override.is_none())
+    );
     assert_eq!(busy.vfs[0].numa_node, Some(0));
     let groups: Vec<_> = busy.vfs.iter().map(|v| v.iommu_group.unwrap()).collect();
     assert_eq!(groups.len(), 3);
@@ -51,7 +58,12 @@ fn a_256_vf_pf_spills_onto_the_next_bus() {
     assert_eq!(pf.vfs[254].location, bdf("0000:3b:1f.7"));
     assert_eq!(pf.vfs[255].location, bdf("0000:3c:00.0"));
     // VF numbers sort numerically, not as text (virtfn10 after virtfn9).
-    assert!(pf.vfs.iter().enumerate().all(|(i, v)| usize::from(v.vf_index) == i));
+    assert!(
+        pf.vfs
+            .iter()
+            .enumerate()
+            .all(|(i, v)| usize::from(v.vf_index) == i)
+    );
 }
 
 #[test]
@@ -112,7 +124,12 @@ fn malformed_and_missing_attributes_are_problems_of_that_device() {
     // The healthy PF is untouched by its neighbour's trouble.
     let healthy = &facts.pfs[1];
     assert_eq!(healthy.vfs.len(), 2);
-    assert!(facts.problems.iter().all(|p| !p.device.starts_with("0000:5e")));
+    assert!(
+        facts
+            .problems
+            .iter()
+            .all(|p| !p.device.starts_with("0000:5e"))
+    );
 }
 
 #[test]
@@ -120,7 +137,10 @@ fn a_wrong_root_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let err = Sysfs::new(dir.path().join("nope")).discover().unwrap_err();
     assert!(matches!(err, SysfsError::ListDevices { .. }));
-    assert!(err.to_string().contains("is the sysfs root right?"), "{err}");
+    assert!(
+        err.to_string().contains("is the sysfs root right?"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -130,16 +150,29 @@ fn golden_real_kernel_tree() {
     assert_eq!(facts.pfs.len(), 1);
     let pf = &facts.pfs[0];
     assert_eq!(pf.location, bdf("0000:01:00.0"));
-    assert_eq!((pf.vendor, pf.device), (Some(PciId(0x1b36)), Some(PciId(0x0010))));
+    assert_eq!(
+        (pf.vendor, pf.device),
+        (Some(PciId(0x1b36)), Some(PciId(0x0010)))
+    );
     assert_eq!((pf.total_vfs, pf.num_vfs), (Some(3), Some(3)));
-    assert_eq!(pf.vf_device, Some(PciId(0x0010)), "the VFs share the PF's ID");
+    assert_eq!(
+        pf.vf_device,
+        Some(PciId(0x0010)),
+        "the VFs share the PF's ID"
+    );
     assert_eq!(pf.drivers_autoprobe, Some(false));
     assert_eq!(pf.driver.as_deref(), Some("nvme"));
     assert_eq!(pf.numa_node, None);
     let vfs: Vec<(String, Option<&str>, Option<&str>)> = pf
         .vfs
         .iter()
-        .map(|v| (v.location.to_string(), v.driver.as_deref(), v.driver_override.as_deref()))
+        .map(|v| {
+            (
+                v.location.to_string(),
+                v.driver.as_deref(),
+                v.driver_override.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         vfs,

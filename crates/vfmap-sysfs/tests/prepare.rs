@@ -50,7 +50,14 @@ impl Rig {
     fn prepare(&self, profile: &str) -> Result<PrepareReport, PrepareError> {
         let profiles = Profiles::parse(profile, "p.toml").unwrap();
         let sysfs = Sysfs::new(self.tree.root());
-        prepare(&sysfs, &profiles, &self.kernel, &self.modules, Duration::from_millis(50), &mut |_| {})
+        prepare(
+            &sysfs,
+            &profiles,
+            &self.kernel,
+            &self.modules,
+            Duration::from_millis(50),
+            &mut |_| {},
+        )
     }
 
     fn driver(&self, vf: &str) -> Option<String> {
@@ -65,19 +72,37 @@ fn fresh_host_gets_vfs_created_and_bound_with_autoprobe_off_first() {
     });
     let report = rig.prepare(PROFILE).unwrap();
     let writes = rig.kernel.writes();
-    let autoprobe = writes.iter().position(|(p, _)| p.ends_with("sriov_drivers_autoprobe")).unwrap();
-    let numvfs = writes.iter().position(|(p, _)| p.ends_with("sriov_numvfs")).unwrap();
-    assert!(autoprobe < numvfs, "autoprobe must be off before VFs exist: {writes:?}");
+    let autoprobe = writes
+        .iter()
+        .position(|(p, _)| p.ends_with("sriov_drivers_autoprobe"))
+        .unwrap();
+    let numvfs = writes
+        .iter()
+        .position(|(p, _)| p.ends_with("sriov_numvfs"))
+        .unwrap();
+    assert!(
+        autoprobe < numvfs,
+        "autoprobe must be off before VFs exist: {writes:?}"
+    );
     assert_eq!(rig.driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
     assert_eq!(rig.driver("0000:01:00.2").as_deref(), Some("vfio-pci"));
     assert_eq!(rig.driver("0000:01:00.3").as_deref(), Some("pci-stub"));
-    assert_eq!(rig.driver("0000:01:00.4"), None, "VF 3 has no function: left alone");
+    assert_eq!(
+        rig.driver("0000:01:00.4"),
+        None,
+        "VF 3 has no function: left alone"
+    );
     assert_eq!(rig.modules.loaded(), ["vfio-pci", "pci-stub"]);
     assert_eq!(report.tables.vfs.len(), 4);
     assert_eq!(report.steps.len(), 2 + 3);
     for vf in &report.tables.vfs {
         if let Some(wanted) = &vf.host_driver {
-            assert_eq!(vf.driver.as_deref(), Some(wanted.as_str()), "{}", vf.location);
+            assert_eq!(
+                vf.driver.as_deref(),
+                Some(wanted.as_str()),
+                "{}",
+                vf.location
+            );
         }
     }
 }
@@ -91,7 +116,11 @@ fn second_run_changes_nothing() {
     let before = rig.kernel.writes().len();
     let report = rig.prepare(PROFILE).unwrap();
     assert!(report.steps.is_empty(), "{:?}", report.steps);
-    assert_eq!(rig.kernel.writes().len(), before, "no sysfs write on the second run");
+    assert_eq!(
+        rig.kernel.writes().len(),
+        before,
+        "no sysfs write on the second run"
+    );
 }
 
 #[test]
@@ -106,7 +135,12 @@ fn vfs_grabbed_by_another_driver_are_rebound() {
         driver: DriverName::new("vfio-pci").unwrap(),
         unbind_from: Some("nvme".into()),
     }));
-    assert!(rig.kernel.writes().iter().any(|(p, v)| p == "bus/pci/drivers/nvme/unbind" && v == "0000:01:00.1"));
+    assert!(
+        rig.kernel
+            .writes()
+            .iter()
+            .any(|(p, v)| p == "bus/pci/drivers/nvme/unbind" && v == "0000:01:00.1")
+    );
     assert_eq!(rig.driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
 }
 
@@ -131,7 +165,12 @@ fn more_vfs_than_the_pf_supports_is_refused_and_writes_nothing() {
     });
     let err = rig.prepare(PROFILE).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("p.toml: card \"acme\", field `num_vfs`: 4 is larger than sriov_totalvfs = 3"), "{text}");
+    assert!(
+        text.contains(
+            "p.toml: card \"acme\", field `num_vfs`: 4 is larger than sriov_totalvfs = 3"
+        ),
+        "{text}"
+    );
     assert!(rig.kernel.writes().is_empty());
 }
 
@@ -162,7 +201,10 @@ fn a_bind_that_does_not_take_is_reported() {
         t.remove_iommu_group(bdf("0000:01:00.1"));
     });
     let err = rig.prepare(PROFILE).unwrap_err();
-    assert!(matches!(err, PrepareError::BindNotEffective { found: None, .. }), "{err:?}");
+    assert!(
+        matches!(err, PrepareError::BindNotEffective { found: None, .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("is the IOMMU on"), "{err}");
 }
 
@@ -174,7 +216,10 @@ fn a_missing_module_is_reported() {
     rig.modules = FakeModules::new(rig.tree.clone()).without("vfio-pci");
     let err = rig.prepare(PROFILE).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("driver vfio-pci is not available: modprobe: FATAL"), "{text}");
+    assert!(
+        text.contains("driver vfio-pci is not available: modprobe: FATAL"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -136,7 +136,14 @@ impl SysfsTree {
     }
 
     /// Adds a PCI device directory with identity attributes and a `config` file.
-    fn add_device(&self, bdf: Bdf, parent_bus: u8, vendor: PciId, device: PciId, numa: i32) -> PathBuf {
+    fn add_device(
+        &self,
+        bdf: Bdf,
+        parent_bus: u8,
+        vendor: PciId,
+        device: PciId,
+        numa: i32,
+    ) -> PathBuf {
         let rel = SysfsTree::device_dir_rel(bdf, parent_bus);
         let dir = self.root.join(&rel);
         fs::create_dir_all(&dir).expect("create device dir");
@@ -146,7 +153,10 @@ impl SysfsTree {
         write(&dir.join("numa_node"), &format!("{numa}\n"));
         write(&dir.join("driver_override"), "(null)\n");
         write(&dir.join("irq"), "0\n");
-        write(&dir.join("resource"), &"0x0000000000000000 0x0000000000000000 0x0000000000000000\n".repeat(13));
+        write(
+            &dir.join("resource"),
+            &"0x0000000000000000 0x0000000000000000 0x0000000000000000\n".repeat(13),
+        );
         // Type-0 header: IDs, class code 01:08:02 (NVMe), so lspci has something real to parse.
         let mut config = vec![0u8; 256];
         config[0..2].copy_from_slice(&vendor.0.to_le_bytes());
@@ -159,14 +169,29 @@ impl SysfsTree {
 
     /// Adds an SR-IOV PF (and its enabled VFs), as the kernel would show it.
     pub fn add_pf(&self, spec: &PfSpec) -> PathBuf {
-        let dir = self.add_device(spec.location, spec.location.bus, spec.vendor, spec.device, spec.numa_node);
-        write(&dir.join("sriov_totalvfs"), &format!("{}\n", spec.total_vfs));
+        let dir = self.add_device(
+            spec.location,
+            spec.location.bus,
+            spec.vendor,
+            spec.device,
+            spec.numa_node,
+        );
+        write(
+            &dir.join("sriov_totalvfs"),
+            &format!("{}\n", spec.total_vfs),
+        );
         write(&dir.join("sriov_numvfs"), "0\n");
         write(&dir.join("sriov_offset"), &format!("{}\n", spec.offset));
         write(&dir.join("sriov_stride"), &format!("{}\n", spec.stride));
         // The kernel prints this one without "0x".
-        write(&dir.join("sriov_vf_device"), &format!("{:x}\n", spec.vf_device.0));
-        write(&dir.join("sriov_drivers_autoprobe"), &format!("{}\n", u8::from(spec.autoprobe)));
+        write(
+            &dir.join("sriov_vf_device"),
+            &format!("{:x}\n", spec.vf_device.0),
+        );
+        write(
+            &dir.join("sriov_drivers_autoprobe"),
+            &format!("{}\n", u8::from(spec.autoprobe)),
+        );
         if let Some(driver) = &spec.driver {
             self.add_driver(driver);
             self.link_driver(spec.location, driver);
@@ -200,17 +225,24 @@ impl SysfsTree {
         let offset: u16 = read(&pf_dir.join("sriov_offset")).parse().unwrap_or(1);
         let stride: u16 = read(&pf_dir.join("sriov_stride")).parse().unwrap_or(1);
         let vendor: PciId = read(&pf_dir.join("vendor")).parse().unwrap_or(PciId(0));
-        let vf_device: PciId = read(&pf_dir.join("sriov_vf_device")).parse().unwrap_or(PciId(0));
+        let vf_device: PciId = read(&pf_dir.join("sriov_vf_device"))
+            .parse()
+            .unwrap_or(PciId(0));
         let numa: i32 = read(&pf_dir.join("numa_node")).parse().unwrap_or(-1);
         for i in 0..current {
-            let Some(vf) = pf.vf_location(offset, stride, i) else { continue };
-            let vf_dir = pf_dir.parent().expect("PF has a parent").join(vf.to_string());
+            let Some(vf) = pf.vf_location(offset, stride, i) else {
+                continue;
+            };
+            let vf_dir = pf_dir
+                .parent()
+                .expect("PF has a parent")
+                .join(vf.to_string());
             fs::remove_dir_all(vf_dir)?;
             fs::remove_file(self.device_link(vf))?;
             fs::remove_file(pf_dir.join(format!("virtfn{i}")))?;
         }
-        let mut group = self.next_iommu_group();
-        for i in 0..n {
+        let first_group = self.next_iommu_group();
+        for (i, group) in (0..n).zip(first_group..) {
             let vf = pf.vf_location(offset, stride, i).ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidInput, "VF past the RID space")
             })?;
@@ -223,7 +255,6 @@ impl SysfsTree {
                 format!("../../../../kernel/iommu_groups/{group}"),
                 vf_dir.join("iommu_group"),
             )?;
-            group += 1;
             if let Some(driver) = autoprobe_driver {
                 self.link_driver(vf, driver);
             }
@@ -235,8 +266,11 @@ impl SysfsTree {
     /// Points `bdf`'s `driver` link at `bus/pci/drivers/<driver>`.
     pub fn link_driver(&self, bdf: Bdf, driver: &str) {
         let dir = self.device_link(bdf);
-        symlink(format!("../../../../bus/pci/drivers/{driver}"), dir.join("driver"))
-            .expect("driver link");
+        symlink(
+            format!("../../../../bus/pci/drivers/{driver}"),
+            dir.join("driver"),
+        )
+        .expect("driver link");
     }
 
     /// Removes `bdf`'s IOMMU group link (vfio-pci will then refuse it).
@@ -298,7 +332,14 @@ impl FakeKernel {
             return Ok(()); // already bound: drivers_probe does nothing
         }
         let wanted = read(&dir.join("driver_override"));
-        if wanted == "(null)" || !self.tree.root.join("bus/pci/drivers").join(&wanted).is_dir() {
+        if wanted == "(null)"
+            || !self
+                .tree
+                .root
+                .join("bus/pci/drivers")
+                .join(&wanted)
+                .is_dir()
+        {
             return Ok(()); // no driver matches: the device stays unbound, the write succeeds
         }
         let no_group = wanted == "vfio-pci" && !dir.join("iommu_group").exists();
@@ -333,16 +374,26 @@ impl SysfsWriter for FakeKernel {
                 match *attr {
                     "sriov_numvfs" => {
                         let n: u16 = value.parse().map_err(|_| invalid())?;
-                        let total: u16 = read(&dir.join("sriov_totalvfs")).parse().map_err(|_| invalid())?;
-                        let current: u16 = read(&dir.join("sriov_numvfs")).parse().map_err(|_| invalid())?;
+                        let total: u16 = read(&dir.join("sriov_totalvfs"))
+                            .parse()
+                            .map_err(|_| invalid())?;
+                        let current: u16 = read(&dir.join("sriov_numvfs"))
+                            .parse()
+                            .map_err(|_| invalid())?;
                         if n > total {
-                            return Err(kernel_error(io::ErrorKind::InvalidInput, "Numerical result out of range"));
+                            return Err(kernel_error(
+                                io::ErrorKind::InvalidInput,
+                                "Numerical result out of range",
+                            ));
                         }
                         if n == current {
                             return Ok(());
                         }
                         if current != 0 && n != 0 {
-                            return Err(kernel_error(io::ErrorKind::ResourceBusy, "Device or resource busy"));
+                            return Err(kernel_error(
+                                io::ErrorKind::ResourceBusy,
+                                "Device or resource busy",
+                            ));
                         }
                         let autoprobe = read(&dir.join("sriov_drivers_autoprobe")) == "1";
                         let driver = self.autoprobe_driver.as_deref().filter(|_| autoprobe);
@@ -356,7 +407,10 @@ impl SysfsWriter for FakeKernel {
                         let stored = if value.is_empty() { "(null)" } else { value };
                         fs::write(dir.join(attr), format!("{stored}\n"))
                     }
-                    _ => Err(kernel_error(io::ErrorKind::PermissionDenied, "Permission denied")),
+                    _ => Err(kernel_error(
+                        io::ErrorKind::PermissionDenied,
+                        "Permission denied",
+                    )),
                 }
             }
             ["bus", "pci", "drivers", driver, "unbind"] => {
@@ -370,7 +424,10 @@ impl SysfsWriter for FakeKernel {
                 }
             }
             ["bus", "pci", "drivers_probe"] => self.probe(value.parse().map_err(|_| invalid())?),
-            _ => Err(kernel_error(io::ErrorKind::PermissionDenied, "Permission denied")),
+            _ => Err(kernel_error(
+                io::ErrorKind::PermissionDenied,
+                "Permission denied",
+            )),
         }
     }
 }
@@ -411,7 +468,10 @@ impl ModuleLoader for FakeModules {
             return Err(format!("modprobe: FATAL: Module {module} not found"));
         }
         self.tree.add_driver(module.as_str());
-        self.loaded.lock().expect("loaded lock").push(module.to_string());
+        self.loaded
+            .lock()
+            .expect("loaded lock")
+            .push(module.to_string());
         Ok(())
     }
 }

@@ -185,7 +185,12 @@ struct PrepareDoc<'a> {
     tables: Option<&'a Tables>,
 }
 
-fn run_prepare(host: &HostArgs, json: bool, dry_run: bool, settle: Duration) -> Result<(), Failure> {
+fn run_prepare(
+    host: &HostArgs,
+    json: bool,
+    dry_run: bool,
+    settle: Duration,
+) -> Result<(), Failure> {
     if host.profiles.is_empty() {
         return Err(Failure::new(
             exit::BAD_INPUT,
@@ -226,11 +231,18 @@ fn run_prepare(host: &HostArgs, json: bool, dry_run: bool, settle: Duration) -> 
             eprintln!("{:>7.2}s  {step}", started.elapsed().as_secs_f64());
         }
     };
-    let report = prepare(&sysfs, &profiles, &FileWriter, &Modprobe, settle, &mut on_step)
-        .map_err(|e| match e {
-            PrepareError::Refused(_) => Failure::new(exit::REFUSED, "refused", e),
-            other => Failure::new(exit::FAILED, "prepare_failed", other),
-        })?;
+    let report = prepare(
+        &sysfs,
+        &profiles,
+        &FileWriter,
+        &Modprobe,
+        settle,
+        &mut on_step,
+    )
+    .map_err(|e| match e {
+        PrepareError::Refused(_) => Failure::new(exit::REFUSED, "refused", e),
+        other => Failure::new(exit::FAILED, "prepare_failed", other),
+    })?;
     if json {
         return print_json(&PrepareDoc {
             dry_run,
@@ -246,7 +258,9 @@ fn run_prepare(host: &HostArgs, json: bool, dry_run: bool, settle: Duration) -> 
         .filter(|v| v.host_driver.is_some())
         .count();
     if report.steps.is_empty() {
-        println!("nothing to do: the host already matches the profiles ({bound} VFs with a function)");
+        println!(
+            "nothing to do: the host already matches the profiles ({bound} VFs with a function)"
+        );
     } else {
         println!(
             "prepared: {} changes in {:.2}s; {bound} VFs with a function are bound to their host driver",

@@ -62,7 +62,15 @@ pub fn inventory(tables: &Tables, root: &Path) -> String {
         );
     } else {
         let _ = writeln!(out, "SR-IOV PFs under {}:", root.display());
-        let mut pfs = Table::new(&["LOCATION", "ID", "CARD", "VFS NOW/MAX", "PROFILE WANTS", "DRIVER", "NUMA"]);
+        let mut pfs = Table::new(&[
+            "LOCATION",
+            "ID",
+            "CARD",
+            "VFS NOW/MAX",
+            "PROFILE WANTS",
+            "DRIVER",
+            "NUMA",
+        ]);
         for pf in &tables.pfs {
             pfs.row(vec![
                 pf.location.to_string(),
@@ -108,7 +116,8 @@ pub fn inventory(tables: &Tables, root: &Path) -> String {
 
     if !tables.functions.is_empty() {
         let _ = writeln!(out, "\nFunctions:");
-        let mut functions = Table::new(&["NAME", "VFS", "GUEST DRIVER", "HOST DRIVER", "DESCRIPTION"]);
+        let mut functions =
+            Table::new(&["NAME", "VFS", "GUEST DRIVER", "HOST DRIVER", "DESCRIPTION"]);
         for f in &tables.functions {
             functions.row(vec![
                 f.name.to_string(),

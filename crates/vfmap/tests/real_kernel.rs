@@ -21,8 +21,14 @@ fn prerequisites() -> Result<PathBuf, String> {
         || repo_root().join("target/x86_64-unknown-linux-gnu/release/vfmap"),
         PathBuf::from,
     );
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        return Err("qemu-system-x86_64 is not installed (scripts/install-deps installs it)".into());
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Err(
+            "qemu-system-x86_64 is not installed (scripts/install-deps installs it)".into(),
+        );
     }
     if !std::fs::read_dir("/boot")
         .map_err(|e| e.to_string())?
@@ -90,11 +96,10 @@ impl Console {
     /// The output of section `name` and its exit code.
     fn section(&self, name: &str) -> (String, i32) {
         let begin = format!("VFMAP-BEGIN {name}\n");
-        let start = self
-            .text
-            .find(&begin)
-            .unwrap_or_else(|| panic!("no section {name}; console log: {}", self.log.display()))
-            + begin.len();
+        let start =
+            self.text.find(&begin).unwrap_or_else(|| {
+                panic!("no section {name}; console log: {}", self.log.display())
+            }) + begin.len();
         let end_marker = format!("VFMAP-END {name} rc=");
         let end = start + self.text[start..].find(&end_marker).expect("section end");
         let rc_text = &self.text[end + end_marker.len()..];
@@ -114,9 +119,15 @@ impl Console {
     fn json(&self, name: &str) -> Value {
         let (body, rc) = self.section(name);
         assert_eq!(rc, 0, "{name} failed: {body}");
-        let line = body.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-            panic!("{name} printed no JSON: {body}; console log: {}", self.log.display())
-        });
+        let line = body
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} printed no JSON: {body}; console log: {}",
+                    self.log.display()
+                )
+            });
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: {e}: {line}"))
     }
 }
@@ -136,8 +147,14 @@ fn prepare_and_inventory_on_a_real_sriov_kernel() {
 
     let (prepare, rc) = console.section("prepare");
     assert_eq!(rc, 0, "prepare failed: {prepare}");
-    assert!(prepare.contains("0000:01:00.0: set sriov_drivers_autoprobe = 0"), "{prepare}");
-    assert!(prepare.contains("0000:01:00.0: set sriov_numvfs 0 -> 3"), "{prepare}");
+    assert!(
+        prepare.contains("0000:01:00.0: set sriov_drivers_autoprobe = 0"),
+        "{prepare}"
+    );
+    assert!(
+        prepare.contains("0000:01:00.0: set sriov_numvfs 0 -> 3"),
+        "{prepare}"
+    );
 
     // Idempotent on the real kernel.
     let again = console.json("prepare-again");
@@ -156,7 +173,14 @@ fn prepare_and_inventory_on_a_real_sriov_kernel() {
             )
         })
         .collect();
-    let want = |l: &str, f: &str, d: &str| (l.to_owned(), f.to_owned(), d.to_owned(), "0x0010".to_owned());
+    let want = |l: &str, f: &str, d: &str| {
+        (
+            l.to_owned(),
+            f.to_owned(),
+            d.to_owned(),
+            "0x0010".to_owned(),
+        )
+    };
     assert_eq!(
         summary,
         [
@@ -172,7 +196,11 @@ fn prepare_and_inventory_on_a_real_sriov_kernel() {
         assert_eq!(vf["vendor"], "0x1b36");
         assert!(vf["iommu_group"].is_u64(), "VF without IOMMU group: {vf}");
     }
-    assert!(inventory["problems"].as_array().unwrap().is_empty(), "{}", inventory["problems"]);
+    assert!(
+        inventory["problems"].as_array().unwrap().is_empty(),
+        "{}",
+        inventory["problems"]
+    );
     let storage = inventory["functions"]
         .as_array()
         .unwrap()
@@ -186,12 +214,21 @@ fn prepare_and_inventory_on_a_real_sriov_kernel() {
     let (dev_vfio, _) = console.section("dev-vfio");
     for vf in &vfs[..2] {
         let group = vf["iommu_group"].to_string();
-        assert!(dev_vfio.split_whitespace().any(|g| g == group), "no /dev/vfio/{group}: {dev_vfio}");
+        assert!(
+            dev_vfio.split_whitespace().any(|g| g == group),
+            "no /dev/vfio/{group}: {dev_vfio}"
+        );
     }
 
     // Changing the VF count under bound VFs is refused and changes nothing.
     let (refused, rc) = console.section("refused");
     assert_eq!(rc, 3, "{refused}");
-    assert!(refused.contains("refusing to change sriov_numvfs from 3 to 2"), "{refused}");
-    assert_eq!(console.json("inventory-after-refusal")["vfs"], inventory["vfs"]);
+    assert!(
+        refused.contains("refusing to change sriov_numvfs from 3 to 2"),
+        "{refused}"
+    );
+    assert_eq!(
+        console.json("inventory-after-refusal")["vfs"],
+        inventory["vfs"]
+    );
 }
