@@ -1,9 +1,16 @@
 //! Discovery: SR-IOV PFs and their VFs, read from `<root>/bus/pci/devices`.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustix::fs::{CWD, Mode, OFlags, openat, readlinkat};
+use rustix::io::Errno;
 
 use vfmap_core::{Bdf, HostFacts, PciId, PfFacts, Problem, VfFacts};
 
@@ -54,44 +61,141 @@ impl Sysfs {
     /// Finds every SR-IOV capable PF (`sriov_totalvfs` > 0) and its enabled VFs.
     ///
     /// Only a missing `bus/pci/devices` is an error; anything odd about one device becomes a
-    /// [`Problem`] for that device.
+    /// [`Problem`] for that device. Work is spread over the available cores (sysfs reads are
+    /// syscall-bound); the result does not depend on how it was spread.
     pub fn discover(&self) -> Result<HostFacts, SysfsError> {
         let devices = self.pci_devices();
-        let entries = fs::read_dir(&devices).map_err(|source| SysfsError::ListDevices {
+        let list_error = |source: io::Error| SysfsError::ListDevices {
             path: devices.clone(),
             source,
-        })?;
-        let mut facts = HostFacts::default();
-        for entry in entries {
-            let entry = entry.map_err(|source| SysfsError::ListDevices {
-                path: devices.clone(),
-                source,
-            })?;
-            let name = entry.file_name();
+        };
+        let devices_fd = open_dir(CWD, &devices).map_err(list_error)?;
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&devices).map_err(list_error)? {
+            names.push(entry.map_err(list_error)?.file_name());
+        }
+        names.sort();
+
+        // Phase 1: which entries are SR-IOV PFs: one failed open for most devices.
+        let probes = parallel_map(&names, 256, |name, problems| {
             let name = name.to_string_lossy();
-            let dir = entry.path();
-            let mut reader = DeviceReader::new(&dir, &name, &mut facts.problems);
-            // Most devices are not PFs: find that out with one failed open.
-            let Some(total_vfs) = reader.attr::<u16>("sriov_totalvfs") else {
-                continue;
+            let attribute = format!("{name}/sriov_totalvfs");
+            let text = match read_attr_at(&devices_fd, &attribute) {
+                Ok(text) => text?,
+                Err(e) => {
+                    problems.push(problem(
+                        &name,
+                        "sriov_totalvfs",
+                        format!("cannot read: {e}"),
+                    ));
+                    return None;
+                }
+            };
+            let Ok(total_vfs) = text.parse::<u16>() else {
+                problems.push(problem(
+                    &name,
+                    "sriov_totalvfs",
+                    format!("malformed value {text:?}"),
+                ));
+                return None;
             };
             if total_vfs == 0 {
-                continue;
+                return None;
             }
             let Ok(location) = name.parse::<Bdf>() else {
-                reader.problem("name", "the directory name is not a PCI address".into());
-                continue;
+                problems.push(problem(
+                    &name,
+                    "name",
+                    "the directory name is not a PCI address".into(),
+                ));
+                return None;
             };
-            facts
-                .pfs
-                .push(read_pf(&devices, location, total_vfs, reader));
+            Some((location, total_vfs))
+        });
+        let mut problems = Vec::new();
+        let mut pfs_found = Vec::new();
+        for (found, mut found_problems) in probes {
+            problems.append(&mut found_problems);
+            pfs_found.extend(found);
         }
-        facts.pfs.sort_by_key(|pf| pf.location);
+
+        // Phase 2: each PF and its VFs, one PF at a time per thread.
+        let pfs = parallel_map(&pfs_found, 1, |(location, total_vfs), problems| {
+            let name = location.to_string();
+            match open_dir(&devices_fd, name.as_str()) {
+                Ok(dir) => {
+                    let reader = DeviceReader::new(dir, &name, problems);
+                    Some(read_pf(&devices_fd, *location, *total_vfs, reader))
+                }
+                Err(e) => {
+                    problems.push(problem(
+                        &name,
+                        ".",
+                        format!("cannot open the device directory: {e}"),
+                    ));
+                    None
+                }
+            }
+        });
+        let mut facts = HostFacts {
+            pfs: Vec::with_capacity(pfs.len()),
+            problems,
+        };
+        for (pf, mut pf_problems) in pfs {
+            facts.problems.append(&mut pf_problems);
+            facts.pfs.extend(pf);
+        }
         Ok(facts)
     }
 }
 
-fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceReader<'_>) -> PfFacts {
+/// Maps `f` over `items` on up to as many threads as there are cores (at most one thread per
+/// `per_thread` items), handing out items one at a time (PFs differ a lot in VF count).
+/// Results come back in `items` order, each with the problems its call recorded.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    per_thread: usize,
+    f: impl Fn(&T, &mut Vec<Problem>) -> R + Sync,
+) -> Vec<(R, Vec<Problem>)> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().div_ceil(per_thread.max(1)))
+        .min(8);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break done };
+            let mut problems = Vec::new();
+            let result = f(item, &mut problems);
+            done.push((i, result, problems));
+        }
+    };
+    let mut all: Vec<(usize, R, Vec<Problem>)> = if threads <= 1 {
+        work()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    };
+    all.sort_by_key(|(i, _, _)| *i);
+    all.into_iter().map(|(_, r, p)| (r, p)).collect()
+}
+
+fn read_pf(
+    devices: &OwnedFd,
+    location: Bdf,
+    total_vfs: u16,
+    mut reader: DeviceReader<'_>,
+) -> PfFacts {
     let vendor = reader.attr::<PciId>("vendor");
     let device = reader.attr::<PciId>("device");
     let numa_node = reader.numa_node();
@@ -101,16 +205,15 @@ fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceRead
     let drivers_autoprobe = reader.attr::<u8>("sriov_drivers_autoprobe").map(|v| v != 0);
 
     let mut links = Vec::new();
-    match fs::read_dir(reader.dir) {
-        Ok(entries) => {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(number) = name.to_str().and_then(|n| n.strip_prefix("virtfn")) else {
+    match list_dir(&reader.dir) {
+        Ok(names) => {
+            for name in names {
+                let Some(number) = name.strip_prefix("virtfn") else {
                     continue;
                 };
                 match number.parse::<u16>() {
                     Ok(index) => links.push(index),
-                    Err(_) => reader.problem(&name.to_string_lossy(), "not a VF number".into()),
+                    Err(_) => reader.problem(&name, "not a VF number".into()),
                 }
             }
         }
@@ -131,14 +234,17 @@ fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceRead
             );
             continue;
         };
-        let vf_dir = devices.join(&name);
-        if !vf_dir.is_dir() {
-            reader.problem(
-                &link,
-                format!("points to {name}, which has no device directory"),
-            );
-        }
-        let mut vf_reader = DeviceReader::new(&vf_dir, &name, reader.problems);
+        let vf_dir = match open_dir(devices, name.as_str()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                reader.problem(
+                    &link,
+                    format!("points to {name}, whose directory cannot be opened: {e}"),
+                );
+                continue;
+            }
+        };
+        let mut vf_reader = DeviceReader::new(vf_dir, &name, reader.problems);
         vfs.push(VfFacts {
             location: vf_location,
             vf_index: index,
@@ -178,15 +284,24 @@ fn read_pf(devices: &Path, location: Bdf, total_vfs: u16, mut reader: DeviceRead
     }
 }
 
-/// Reads one device's attributes, turning every failure into a problem for that device.
+/// Reads one device's attributes relative to its open directory (no path walk per read),
+/// turning every failure into a problem for that device.
 struct DeviceReader<'a> {
-    dir: &'a Path,
+    dir: OwnedFd,
     name: &'a str,
     problems: &'a mut Vec<Problem>,
 }
 
+fn problem(device: &str, attribute: &str, message: String) -> Problem {
+    Problem {
+        device: device.to_owned(),
+        attribute: attribute.to_owned(),
+        message,
+    }
+}
+
 impl<'a> DeviceReader<'a> {
-    fn new(dir: &'a Path, name: &'a str, problems: &'a mut Vec<Problem>) -> DeviceReader<'a> {
+    fn new(dir: OwnedFd, name: &'a str, problems: &'a mut Vec<Problem>) -> DeviceReader<'a> {
         DeviceReader {
             dir,
             name,
@@ -195,18 +310,13 @@ impl<'a> DeviceReader<'a> {
     }
 
     fn problem(&mut self, attribute: &str, message: String) {
-        self.problems.push(Problem {
-            device: self.name.to_owned(),
-            attribute: attribute.to_owned(),
-            message,
-        });
+        self.problems.push(problem(self.name, attribute, message));
     }
 
     /// The attribute's trimmed text; `None` (silently) when it does not exist.
     fn text(&mut self, attribute: &str) -> Option<String> {
-        match fs::read_to_string(self.dir.join(attribute)) {
-            Ok(text) => Some(text.trim().to_owned()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        match read_attr_at(&self.dir, attribute) {
+            Ok(text) => text,
             Err(e) => {
                 self.problem(attribute, format!("cannot read: {e}"));
                 None
@@ -234,7 +344,7 @@ impl<'a> DeviceReader<'a> {
 
     /// The last component of a symlink's target; `None` when absent.
     fn link_name(&mut self, link: &str) -> Option<String> {
-        match read_link_name(&self.dir.join(link)) {
+        match read_link_name_at(&self.dir, link) {
             Ok(name) => name,
             Err(e) => {
                 self.problem(link, format!("cannot read the link: {e}"));
@@ -244,19 +354,74 @@ impl<'a> DeviceReader<'a> {
     }
 }
 
+fn open_dir(base: impl AsFd, path: impl rustix::path::Arg) -> io::Result<OwnedFd> {
+    Ok(openat(
+        base,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The names in a directory (without `.` and `..`).
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy();
+        if name != "." && name != ".." {
+            names.push(name.into_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Reads a small attribute in one `read`: sysfs hands over the whole attribute (at most a page)
+/// in the first read, and so does a small regular file (fixtures). `Ok(None)` when absent.
+fn read_attr_at(dir: &OwnedFd, attribute: &str) -> io::Result<Option<String>> {
+    let fd = match openat(
+        dir,
+        attribute,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // Twice a page: a sysfs attribute never fills it, so a full buffer means "not one".
+    let mut buf = [0u8; 8192];
+    let len = rustix::io::read(&fd, &mut buf)?;
+    if len == buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "longer than a sysfs attribute",
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&buf[..len]).trim().to_owned()))
+}
+
+/// The file name a symlink points to: `Ok(None)` when the link does not exist.
+fn read_link_name_at(dir: impl AsFd, link: impl rustix::path::Arg) -> io::Result<Option<String>> {
+    match readlinkat(dir, link, Vec::new()) {
+        Ok(target) => {
+            let target = PathBuf::from(OsString::from_vec(target.into_bytes()));
+            target
+                .file_name()
+                .map(|n| Some(n.to_string_lossy().into_owned()))
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("target {} has no file name", target.display()),
+                    )
+                })
+        }
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The file name a symlink points to: `Ok(None)` when the link does not exist.
 fn read_link_name(path: &Path) -> io::Result<Option<String>> {
-    match fs::read_link(path) {
-        Ok(target) => target
-            .file_name()
-            .map(|n| Some(n.to_string_lossy().into_owned()))
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("target {} has no file name", target.display()),
-                )
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    read_link_name_at(CWD, path)
 }

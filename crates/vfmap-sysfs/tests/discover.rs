@@ -91,6 +91,7 @@ fn malformed_and_missing_attributes_are_problems_of_that_device() {
     let pf = tree.device_link(bdf("0000:3b:00.0"));
     let vf1 = tree.device_link(bdf("0000:3b:00.2"));
     fs::write(pf.join("vendor"), "acme\n").unwrap();
+    fs::write(pf.join("sriov_numvfs"), "4\n").unwrap();
     fs::remove_file(pf.join("sriov_vf_device")).unwrap();
     fs::write(vf1.join("numa_node"), "lots\n").unwrap();
     fs::remove_file(vf1.join("iommu_group")).unwrap();
