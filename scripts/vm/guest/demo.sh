@@ -1,0 +1,9 @@
+# The demo inside the SR-IOV host-role guest: inventory before, prepare, inventory after.
+. /lib/vfmap/lib.sh
+p=/etc/vfmap/profiles.toml
+section profiles cat $p
+section inventory-before vfmap inventory --profiles $p
+section prepare vfmap prepare --profiles $p
+section inventory-after vfmap inventory --profiles $p
+section check vfmap prepare --dry-run --profiles $p
+exit 0
