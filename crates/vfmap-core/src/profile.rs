@@ -480,10 +480,15 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
             .find(|g| vfs.iter().any(|v| g.vfs.contains(v)))
         {
             let shared: VfSet = VfSet(vfs.iter().filter(|v| other.vfs.contains(*v)).collect());
+            let (noun, verb) = if shared.len() == 1 {
+                ("VF", "is")
+            } else {
+                ("VFs", "are")
+            };
             return Err(invalid(
                 "vfs",
                 format!(
-                    "VFs {shared} are also given to function {:?}; a VF carries one function",
+                    "{noun} {shared} {verb} also given to function {:?}; a VF carries one function",
                     other.desc.name.as_str()
                 ),
             ));
@@ -601,7 +606,7 @@ host_driver = "vfio-pci"
         );
         let e = err(&text);
         assert!(e.contains("function \"b\", field `vfs`"), "{e}");
-        assert!(e.contains("VFs 2 are also given to function \"a\""), "{e}");
+        assert!(e.contains("VF 2 is also given to function \"a\""), "{e}");
     }
 
     #[test]

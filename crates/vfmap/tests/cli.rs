@@ -179,7 +179,7 @@ fn bad_profiles_are_exit_2_with_one_line_naming_the_file() {
     for (text, want) in [
         (
             PROFILE.replace("vfs = \"2,4\"", "vfs = \"1-2\""),
-            "field `vfs`: VFs 1 are also given",
+            "field `vfs`: VF 1 is also given",
         ),
         (
             PROFILE.replace("num_vfs = 5", "num_vfs = 5\nspeed = 1"),
