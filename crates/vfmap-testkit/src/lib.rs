@@ -342,7 +342,9 @@ impl FakeKernel {
         {
             return Ok(()); // no driver matches: the device stays unbound, the write succeeds
         }
-        let no_group = wanted == "vfio-pci" && !dir.join("iommu_group").exists();
+        // The link, not its target: the kernel asks whether the device has a group.
+        let no_group =
+            wanted == "vfio-pci" && fs::symlink_metadata(dir.join("iommu_group")).is_err();
         if no_group || self.failing_drivers.contains(&wanted) {
             return Ok(()); // probe failed: logged in dmesg, the write still succeeds
         }

@@ -42,6 +42,20 @@ fn stdout_json(output: &Output) -> Value {
     })
 }
 
+/// Asserts a failed `--json` run: its exit code, the error's stable code, and a message part.
+fn assert_json_error(out: &Output, exit: i32, code: &str, message_part: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(exit),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = stdout_json(out);
+    assert_eq!(doc["error"]["code"], code, "{doc}");
+    let message = doc["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(message_part), "{message}");
+}
+
 /// Every file's path and content (symlinks as their targets), to prove nothing changed.
 fn snapshot(root: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -213,8 +227,12 @@ fn bad_profiles_are_exit_2_with_one_line_naming_the_file() {
         "--profiles",
         "/nonexistent.toml",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert_eq!(stdout_json(&out)["error"]["code"], "bad_profiles");
+    assert_json_error(
+        &out,
+        2,
+        "bad_profiles",
+        "cannot read profile file /nonexistent.toml",
+    );
 }
 
 #[test]
@@ -230,15 +248,7 @@ fn bad_arguments_are_exit_2() {
 #[test]
 fn a_wrong_sysfs_root_is_exit_1_with_a_hint() {
     let out = vfmap(&["--json", "inventory", "--sysfs-root", "/definitely/not/sys"]);
-    assert_eq!(out.status.code(), Some(1));
-    let doc = stdout_json(&out);
-    assert_eq!(doc["error"]["code"], "sysfs");
-    assert!(
-        doc["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("is the sysfs root right?")
-    );
+    assert_json_error(&out, 1, "sysfs", "is the sysfs root right?");
 }
 
 #[test]
@@ -264,15 +274,7 @@ fn refused_prepare_is_exit_3_and_changes_nothing() {
         "--profiles",
         fewer.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(3));
-    let doc = stdout_json(&out);
-    assert_eq!(doc["error"]["code"], "refused");
-    assert!(
-        doc["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("0000:3b:00.1 bound to nvme")
-    );
+    assert_json_error(&out, 3, "refused", "0000:3b:00.1 bound to nvme");
     assert_eq!(snapshot(host.dir.path()), before);
 }
 

@@ -27,8 +27,8 @@ for link in /sys/bus/pci/devices/*; do
         [ -L "$real/$l" ] && ln -s "$(readlink "$real/$l")" "$out$real/$l"
     done
 done
-for d in /sys/bus/pci/drivers/*; do mkdir -p "$out$d"; done
-for g in /sys/kernel/iommu_groups/*; do mkdir -p "$out$g"; done
+# git keeps no empty directory: mark the ones driver/iommu_group links point to.
+for d in /sys/bus/pci/drivers/* /sys/kernel/iommu_groups/*; do mkdir -p "$out$d"; : > "$out$d/.gitkeep"; done
 : > "$out/sys/bus/pci/drivers_probe"
 uname -r > "$out/sys/CAPTURED-FROM-KERNEL"
 
