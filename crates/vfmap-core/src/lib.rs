@@ -1,16 +1,22 @@
 //! The pure core of vfmap: PCI address types, device profiles, the two VF tables
-//! (T1: global index → function, T2: global index → host location) and the `prepare` planner.
+//! (T1: global index → function, T2: global index → host location), the `prepare` planner,
+//! and the daemon's pool of VFs, VMs and assignments with its state machine.
 //!
 //! Nothing here does I/O; adapters (sysfs, the CLI) feed it facts and execute its plans.
 
 pub mod addr;
 pub mod facts;
 pub mod plan;
+pub mod pool;
 pub mod profile;
 pub mod tables;
 
 pub use addr::{AddrError, Bdf, PciId};
 pub use facts::{HostFacts, PfFacts, Problem, VfFacts};
 pub use plan::{PlanError, Step, plan_binds, plan_sriov};
+pub use pool::{
+    AssignState, Assignment, Change, Pool, PoolError, PoolVf, Recovery, Request, SlotId, VmName,
+    VmSpec, plan_recovery,
+};
 pub use profile::{DriverName, FunctionDesc, FunctionName, ProfileError, Profiles};
 pub use tables::{GlobalIndex, Tables, VfEntry};

@@ -37,9 +37,22 @@ pub enum ProfileError {
 }
 
 /// A validated name made for paths and protocols: `[a-z0-9][a-z0-9._-]*`, at most 64 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct FunctionName(String);
+
+impl TryFrom<String> for FunctionName {
+    type Error = String;
+    fn try_from(text: String) -> Result<FunctionName, String> {
+        FunctionName::new(&text)
+    }
+}
+
+impl From<FunctionName> for String {
+    fn from(name: FunctionName) -> String {
+        name.0
+    }
+}
 
 impl FunctionName {
     /// Checks `text`; the error explains the rule.
@@ -77,9 +90,22 @@ impl fmt::Display for FunctionName {
 
 /// A kernel driver/module name that is safe to pass to `modprobe` and to join into a sysfs path:
 /// ASCII letters, digits, `_` and `-`, at most 55 bytes (the kernel's `MODULE_NAME_LEN` less one).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct DriverName(String);
+
+impl TryFrom<String> for DriverName {
+    type Error = String;
+    fn try_from(text: String) -> Result<DriverName, String> {
+        DriverName::new(&text)
+    }
+}
+
+impl From<DriverName> for String {
+    fn from(name: DriverName) -> String {
+        name.0
+    }
+}
 
 impl DriverName {
     /// Checks `text`; the error explains the rule.
