@@ -556,15 +556,16 @@ impl Pool {
             if let Some(n) = free_per_pf.get_mut(&vf.pf) {
                 *n -= 1;
             }
+            // Candidates were filtered on carrying the function.
+            let Some(function) = vf.function.clone() else {
+                continue;
+            };
             chosen.push(Assignment {
                 global_index: vf.global_index,
                 location: vf.location,
                 vm: vm.name.clone(),
                 local_index,
-                function: vf
-                    .function
-                    .clone()
-                    .unwrap_or_else(|| unreachable_function()),
+                function,
                 state: AssignState::Reserved,
             });
         }
@@ -740,12 +741,6 @@ impl Pool {
         }
         Ok(())
     }
-}
-
-// Candidates are filtered on having a function, so this cannot be reached.
-#[cold]
-fn unreachable_function() -> FunctionName {
-    FunctionName::new("unassigned").unwrap_or_else(|_| unreachable!("valid literal"))
 }
 
 /// What crash recovery does with an assignment found in the database.
