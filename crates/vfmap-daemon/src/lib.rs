@@ -1,0 +1,3 @@
+//! The vfmap host daemon.
+
+pub mod store;

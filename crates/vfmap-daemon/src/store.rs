@@ -1,0 +1,533 @@
+//! Durable state in SQLite (WAL, `synchronous = FULL`).
+//!
+//! One writer thread owns the connection. Callers send [`Mutation`]s and await the commit;
+//! mutations that arrive together share one transaction (group commit), each in its own
+//! savepoint so one failing mutation does not take the others down.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+use vfmap_core::{AssignState, Assignment, Bdf, Change, FunctionName, GlobalIndex, VmName, VmSpec};
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening or migrating the database failed.
+    #[error("cannot open the state database {}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A query or commit failed.
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored row cannot be read back.
+    #[error("state database holds a bad row in {table}: {detail}")]
+    BadRow {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The transaction of a batch failed to commit (shared by every change in the batch).
+    #[error("state database commit failed: {0}")]
+    Commit(String),
+    /// The writer thread is gone (the daemon is shutting down or it panicked).
+    #[error("the state writer has stopped")]
+    WriterGone,
+}
+
+/// Facts about an assignment that the pool does not need but the API shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Detail {
+    /// Where the device sits in the guest: root port devfn, then devfn behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_path: Option<String>,
+    /// The guest's address of the device, as the agent reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_bdf: Option<String>,
+    /// The driver the agent bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_driver: Option<String>,
+}
+
+/// A failed attach, kept for the API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    /// The VM.
+    pub vm: String,
+    /// The local index it would have had.
+    pub local_index: u32,
+    /// The function requested.
+    pub function: String,
+    /// The VF tried.
+    pub global_index: GlobalIndex,
+    /// Why it failed.
+    pub reason: String,
+    /// When (seconds since the epoch).
+    pub at: u64,
+}
+
+/// One durable change.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    /// A pool change.
+    Pool(Change),
+    /// New guest-side facts for an assignment.
+    Detail(GlobalIndex, Detail),
+    /// A failed attach.
+    Failure(Failure),
+}
+
+/// Everything loaded at start-up.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Location → global index, as persisted.
+    pub indexes: Vec<(GlobalIndex, Bdf)>,
+    /// VMs.
+    pub vms: Vec<VmSpec>,
+    /// Assignments (with their details).
+    pub assignments: Vec<(Assignment, Detail)>,
+    /// Recent failures, oldest first.
+    pub failures: Vec<Failure>,
+}
+
+type Job = (Vec<Mutation>, oneshot::Sender<Result<(), StoreError>>);
+
+/// Handle to the writer thread.
+#[derive(Debug, Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vfs (
+    global_index INTEGER PRIMARY KEY,
+    location     TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    global_index INTEGER PRIMARY KEY REFERENCES vfs(global_index),
+    location     TEXT NOT NULL,
+    vm           TEXT NOT NULL REFERENCES vms(name),
+    local_index  INTEGER NOT NULL,
+    function     TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    guest_path   TEXT,
+    guest_bdf    TEXT,
+    guest_driver TEXT,
+    UNIQUE (vm, local_index)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm           TEXT NOT NULL,
+    local_index  INTEGER NOT NULL,
+    function     TEXT NOT NULL,
+    global_index INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    at           INTEGER NOT NULL
+);
+";
+
+/// Opens (creating if needed) the database with the pragmas the daemon relies on.
+pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let open = || -> Result<Connection, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(conn)
+    };
+    open().map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn bad_row(table: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::BadRow {
+        table,
+        detail: detail.into(),
+    }
+}
+
+impl Store {
+    /// Opens the database at `path`, gives every location in `locations` a stable global index
+    /// (kept from earlier runs, new ones after the highest), loads the state, and starts the
+    /// writer thread.
+    pub fn open(path: &Path, locations: &[Bdf]) -> Result<(Store, Loaded), StoreError> {
+        let mut conn = open_connection(path)?;
+        let loaded = load(&mut conn, locations)?;
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("vfmap-store".into())
+            .spawn(move || writer(conn, inbox))
+            .map_err(|e| bad_row("(thread)", e.to_string()))?;
+        Ok((Store { jobs }, loaded))
+    }
+
+    /// Queues mutations in order and returns the receiver of their commit. Call while holding
+    /// the lock that ordered them, await after releasing it.
+    pub fn submit(&self, mutations: Vec<Mutation>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, receiver) = oneshot::channel();
+        // If the writer is gone, `done` is dropped and the receiver reports it.
+        let _ = self.jobs.send((mutations, done));
+        receiver
+    }
+
+    /// Submits and waits for the commit.
+    pub async fn write(&self, mutations: Vec<Mutation>) -> Result<(), StoreError> {
+        self.submit(mutations)
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> {
+    let tx = conn.transaction()?;
+    let mut known: Vec<(GlobalIndex, Bdf)> = Vec::new();
+    {
+        let mut stmt =
+            tx.prepare("SELECT global_index, location FROM vfs ORDER BY global_index")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (gi, location) = row?;
+            let gi =
+                GlobalIndex::try_from(gi).map_err(|_| bad_row("vfs", format!("index {gi}")))?;
+            let location = location
+                .parse()
+                .map_err(|e| bad_row("vfs", format!("{e}")))?;
+            known.push((gi, location));
+        }
+    }
+    let mut next = known.iter().map(|(gi, _)| gi + 1).max().unwrap_or(0);
+    {
+        let mut insert = tx.prepare("INSERT INTO vfs (global_index, location) VALUES (?1, ?2)")?;
+        for location in locations {
+            if !known.iter().any(|(_, l)| l == location) {
+                insert.execute(params![next, location.to_string()])?;
+                known.push((next, *location));
+                next += 1;
+            }
+        }
+    }
+    let mut vms = Vec::new();
+    {
+        let mut stmt = tx.prepare("SELECT name, spec FROM vms ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (name, spec) = row?;
+            let spec: VmSpec =
+                serde_json::from_str(&spec).map_err(|e| bad_row("vms", format!("{name}: {e}")))?;
+            vms.push(spec);
+        }
+    }
+    let mut assignments = Vec::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT global_index, location, vm, local_index, function, state, guest_path, guest_bdf, guest_driver
+             FROM assignments ORDER BY global_index",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let gi: i64 = r.get(0)?;
+            let text = |i: usize| -> Result<String, StoreError> { Ok(r.get::<_, String>(i)?) };
+            let bad = |what: String| bad_row("assignments", format!("VF {gi}: {what}"));
+            let assignment = Assignment {
+                global_index: GlobalIndex::try_from(gi).map_err(|_| bad("index".into()))?,
+                location: text(1)?.parse().map_err(|e| bad(format!("{e}")))?,
+                vm: VmName::new(&text(2)?).map_err(bad)?,
+                local_index: u32::try_from(r.get::<_, i64>(3)?)
+                    .map_err(|_| bad("local index".into()))?,
+                function: FunctionName::new(&text(4)?).map_err(bad)?,
+                state: AssignState::parse(&text(5)?).ok_or_else(|| bad("state".into()))?,
+            };
+            let detail = Detail {
+                guest_path: r.get(6)?,
+                guest_bdf: r.get(7)?,
+                guest_driver: r.get(8)?,
+            };
+            assignments.push((assignment, detail));
+        }
+    }
+    let mut failures = Vec::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT vm, local_index, function, global_index, reason, at FROM failures ORDER BY id DESC LIMIT 200",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Failure {
+                vm: r.get(0)?,
+                local_index: r.get(1)?,
+                function: r.get(2)?,
+                global_index: r.get(3)?,
+                reason: r.get(4)?,
+                at: r.get::<_, i64>(5)?.max(0) as u64,
+            })
+        })?;
+        for row in rows {
+            failures.push(row?);
+        }
+        failures.reverse();
+    }
+    tx.commit()?;
+    Ok(Loaded {
+        indexes: known,
+        vms,
+        assignments,
+        failures,
+    })
+}
+
+fn writer(mut conn: Connection, inbox: mpsc::Receiver<Job>) {
+    while let Ok(first) = inbox.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match inbox.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&mut conn, &batch);
+        for ((_, done), result) in batch.into_iter().zip(results) {
+            let _ = done.send(result);
+        }
+    }
+}
+
+/// One transaction for the batch, a savepoint per job. If the commit itself fails, every
+/// job fails.
+fn commit_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<(), StoreError>> {
+    let mut results = Vec::with_capacity(batch.len());
+    let outcome = (|| -> Result<(), rusqlite::Error> {
+        let mut tx = conn.transaction()?;
+        for (mutations, _) in batch {
+            let mut sp = tx.savepoint()?;
+            let applied = mutations.iter().try_for_each(|m| apply(&sp, m));
+            match applied {
+                Ok(()) => {
+                    sp.commit()?;
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    sp.rollback()?;
+                    results.push(Err(StoreError::Sql(e)));
+                }
+            }
+        }
+        tx.commit()
+    })();
+    match outcome {
+        Ok(()) => results,
+        Err(e) => batch
+            .iter()
+            .map(|_| Err(StoreError::Commit(e.to_string())))
+            .collect(),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> {
+    match mutation {
+        Mutation::Pool(Change::AddVm(spec)) => {
+            let json = serde_json::to_string(spec)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            conn.execute(
+                "INSERT INTO vms (name, spec) VALUES (?1, ?2)",
+                params![spec.name.as_str(), json],
+            )?;
+        }
+        Mutation::Pool(Change::RemoveVm(name)) => {
+            conn.execute("DELETE FROM vms WHERE name = ?1", params![name.as_str()])?;
+        }
+        Mutation::Pool(Change::Reserve(assignments)) => {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO assignments (global_index, location, vm, local_index, function, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in assignments {
+                stmt.execute(params![
+                    a.global_index,
+                    a.location.to_string(),
+                    a.vm.as_str(),
+                    a.local_index,
+                    a.function.as_str(),
+                    a.state.as_str()
+                ])?;
+            }
+        }
+        Mutation::Pool(Change::SetState {
+            global_index,
+            state,
+        }) => {
+            let n = conn.execute(
+                "UPDATE assignments SET state = ?2 WHERE global_index = ?1",
+                params![global_index, state.as_str()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
+        Mutation::Pool(Change::Free { global_index }) => {
+            conn.execute(
+                "DELETE FROM assignments WHERE global_index = ?1",
+                params![global_index],
+            )?;
+        }
+        Mutation::Detail(global_index, d) => {
+            conn.execute(
+                "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1",
+                params![global_index, d.guest_path, d.guest_bdf, d.guest_driver],
+            )?;
+        }
+        Mutation::Failure(f) => {
+            conn.execute(
+                "INSERT INTO failures (vm, local_index, function, global_index, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![f.vm, f.local_index, f.function, f.global_index, f.reason, now()],
+            )?;
+            // Keep the table bounded: a guest failing in a loop must not fill the disk.
+            conn.execute(
+                "DELETE FROM failures WHERE id <= (SELECT MAX(id) FROM failures) - 1000",
+                [],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The number of rows in `table` (for tests and health checks).
+pub fn count_rows(conn: &Connection, table: &str) -> Result<i64, StoreError> {
+    let sql = match table {
+        "vfs" => "SELECT COUNT(*) FROM vfs",
+        "vms" => "SELECT COUNT(*) FROM vms",
+        "assignments" => "SELECT COUNT(*) FROM assignments",
+        _ => "SELECT COUNT(*) FROM failures",
+    };
+    Ok(conn
+        .query_row(sql, [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfmap_core::SlotId;
+
+    fn bdf(s: &str) -> Bdf {
+        s.parse().unwrap()
+    }
+
+    fn vm(name: &str) -> VmSpec {
+        VmSpec {
+            name: VmName::new(name).unwrap(),
+            qmp_socket: "/run/q".into(),
+            agent_socket: "/run/a".into(),
+            slots: vec![SlotId::new("rp0").unwrap(), SlotId::new("rp1").unwrap()],
+            numa_node: None,
+        }
+    }
+
+    fn assignment(gi: u32, location: &str, local_index: u32) -> Assignment {
+        Assignment {
+            global_index: gi,
+            location: bdf(location),
+            vm: VmName::new("web").unwrap(),
+            local_index,
+            function: FunctionName::new("crypto").unwrap(),
+            state: AssignState::Reserved,
+        }
+    }
+
+    #[tokio::test]
+    async fn indexes_are_stable_across_reopen_and_new_vfs_come_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let (_, loaded) = Store::open(&db, &[bdf("0000:01:00.2"), bdf("0000:01:00.1")]).unwrap();
+        assert_eq!(
+            loaded.indexes,
+            [(0, bdf("0000:01:00.2")), (1, bdf("0000:01:00.1"))]
+        );
+        // A rescan that lost one VF and found a new one: old indexes stay, the new one is 2.
+        let (_, loaded) = Store::open(&db, &[bdf("0000:01:00.3"), bdf("0000:01:00.1")]).unwrap();
+        assert_eq!(
+            loaded.indexes,
+            [
+                (0, bdf("0000:01:00.2")),
+                (1, bdf("0000:01:00.1")),
+                (2, bdf("0000:01:00.3"))
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_survive_reopen_and_constraint_violations_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let locations = [bdf("0000:01:00.1"), bdf("0000:01:00.2")];
+        let (store, _) = Store::open(&db, &locations).unwrap();
+        store
+            .write(vec![Mutation::Pool(Change::AddVm(vm("web")))])
+            .await
+            .unwrap();
+        store
+            .write(vec![Mutation::Pool(Change::Reserve(vec![assignment(
+                0,
+                "0000:01:00.1",
+                0,
+            )]))])
+            .await
+            .unwrap();
+        // Submitted together: the second takes local index 0 again and must fail alone.
+        let ok = store.submit(vec![Mutation::Pool(Change::SetState {
+            global_index: 0,
+            state: AssignState::HostBound,
+        })]);
+        let clash = store.submit(vec![Mutation::Pool(Change::Reserve(vec![assignment(
+            1,
+            "0000:01:00.2",
+            0,
+        )]))]);
+        assert!(ok.await.unwrap().is_ok());
+        assert!(
+            clash.await.unwrap().is_err(),
+            "UNIQUE(vm, local_index) must hold"
+        );
+        store
+            .write(vec![Mutation::Detail(
+                0,
+                Detail {
+                    guest_path: Some("03.0/00.0".into()),
+                    ..Detail::default()
+                },
+            )])
+            .await
+            .unwrap();
+        drop(store);
+        let (_, loaded) = Store::open(&db, &locations).unwrap();
+        assert_eq!(loaded.vms, [vm("web")]);
+        assert_eq!(loaded.assignments.len(), 1);
+        assert_eq!(loaded.assignments[0].0.state, AssignState::HostBound);
+        assert_eq!(
+            loaded.assignments[0].1.guest_path.as_deref(),
+            Some("03.0/00.0")
+        );
+    }
+}
