@@ -9,6 +9,7 @@ pub mod facts;
 pub mod plan;
 pub mod pool;
 pub mod profile;
+pub mod protocol;
 pub mod tables;
 
 pub use addr::{AddrError, Bdf, PciId};
