@@ -1,3 +1,7 @@
 //! The vfmap host daemon.
 
+pub mod channel;
+pub mod effects;
+pub mod lines;
+pub mod qmp;
 pub mod store;

@@ -12,7 +12,8 @@ mod prepare;
 
 pub use discover::Sysfs;
 pub use prepare::{
-    FileWriter, Modprobe, ModuleLoader, PrepareError, PrepareReport, SysfsWriter, prepare,
+    FileWriter, Modprobe, ModuleLoader, PrepareError, PrepareReport, SysfsWriter, ensure_bound,
+    prepare, reset_function,
 };
 
 /// Failures reading a sysfs tree as a whole (per-device trouble is a `Problem` instead).

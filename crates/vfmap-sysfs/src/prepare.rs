@@ -168,6 +168,43 @@ pub fn prepare(
     })
 }
 
+/// Binds one VF to `driver` unless it already is, and pins `driver_override` (the daemon's
+/// host-bind step; `prepare` does the same for every VF).
+pub fn ensure_bound(
+    sysfs: &Sysfs,
+    writer: &dyn SysfsWriter,
+    loader: &dyn ModuleLoader,
+    vf: Bdf,
+    driver: &DriverName,
+    settle: Duration,
+) -> Result<(), PrepareError> {
+    let executor = Executor {
+        sysfs,
+        writer,
+        loader,
+        settle,
+    };
+    let bound = sysfs.driver_of(vf).ok().flatten();
+    if bound.as_deref() == Some(driver.as_str()) {
+        return Ok(());
+    }
+    executor.run(&Step::Bind {
+        vf,
+        driver: driver.clone(),
+        unbind_from: bound,
+    })
+}
+
+/// Resets one function through its `reset` attribute. `Ok(false)` when the device offers no
+/// reset method (the kernel then has no `reset` attribute).
+pub fn reset_function(sysfs: &Sysfs, writer: &dyn SysfsWriter, vf: Bdf) -> io::Result<bool> {
+    let path = sysfs.device_dir(vf).join("reset");
+    if !path.exists() {
+        return Ok(false);
+    }
+    writer.write(&path, "1").map(|()| true)
+}
+
 struct Executor<'a> {
     sysfs: &'a Sysfs,
     writer: &'a dyn SysfsWriter,

@@ -1,0 +1,141 @@
+//! The daemon's side effects, each behind a small trait so tests can put doubles in.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use vfmap_core::protocol::{Answer, Entry, GuestPath};
+use vfmap_core::{Bdf, DriverName, SlotId, VmSpec};
+
+/// A boxed future, so the traits stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Hypervisor failures, with what an operator needs to fix them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HypervisorError {
+    /// The control socket is missing or refuses connections.
+    #[error(
+        "cannot reach the hypervisor at {socket}: {reason} (is the VM running with -qmp unix:{socket},server=on,wait=off?)"
+    )]
+    Unreachable {
+        /// The socket path.
+        socket: String,
+        /// Why.
+        reason: String,
+    },
+    /// The slot id is not a bus of the VM.
+    #[error(
+        "slot {slot} does not exist in the VM (expected an empty pcie-root-port with id={slot})"
+    )]
+    SlotUnknown {
+        /// The slot.
+        slot: String,
+    },
+    /// Something already sits in the slot.
+    #[error("slot {slot} is occupied: {detail}")]
+    SlotOccupied {
+        /// The slot.
+        slot: String,
+        /// The hypervisor's words.
+        detail: String,
+    },
+    /// The hypervisor refused the device.
+    #[error("the hypervisor refused: {0}")]
+    Refused(String),
+    /// The hypervisor said something this adapter does not understand.
+    #[error("unexpected answer from the hypervisor: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("the hypervisor did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Plugs VFs into VMs and unplugs them.
+pub trait Hypervisor: Send + Sync {
+    /// Plugs VF `vf` into `slot` of `vm` as device `device_id`; returns where it sits.
+    fn attach<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        slot: &'a SlotId,
+        device_id: &'a str,
+        vf: Bdf,
+    ) -> BoxFuture<'a, Result<GuestPath, HypervisorError>>;
+
+    /// Unplugs device `device_id` and waits until it is gone. Already gone is success.
+    fn detach<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        device_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>>;
+
+    /// The ids of every device plugged in `vm` now.
+    fn plugged<'a>(&'a self, vm: &'a VmSpec)
+    -> BoxFuture<'a, Result<Vec<String>, HypervisorError>>;
+}
+
+/// Guest channel failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// The VM's channel socket is missing or refuses connections.
+    #[error("cannot reach the guest channel at {socket}: {reason}")]
+    Unreachable {
+        /// The socket.
+        socket: String,
+        /// Why.
+        reason: String,
+    },
+    /// No answer from the agent in time.
+    #[error("the guest agent did not answer within {0:?} (is vfmap-agent running in the VM?)")]
+    Timeout(Duration),
+    /// The connection broke.
+    #[error("the guest channel failed: {0}")]
+    Io(String),
+}
+
+/// Sends a VM its correspondence and collects the agent's answers.
+pub trait GuestChannel: Send + Sync {
+    /// Sends the VM's whole current correspondence; returns the agent's answers (only for
+    /// entries that were sent), or fails after `deadline`.
+    fn apply<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        entries: Vec<Entry>,
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>>;
+}
+
+/// Host-side VF operations (sysfs).
+pub trait HostVfs: Send + Sync {
+    /// Binds the VF to its host driver (normally vfio-pci) unless it already is.
+    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), String>;
+    /// Resets the VF so the next VM gets it clean; `Ok(false)` when it has no reset method.
+    fn reset(&self, vf: Bdf) -> Result<bool, String>;
+}
+
+/// The real host: the sysfs tree the daemon was configured with.
+#[derive(Debug, Clone)]
+pub struct SysfsHost {
+    /// The tree.
+    pub sysfs: vfmap_sysfs::Sysfs,
+    /// How long a bind may take to show.
+    pub settle: Duration,
+}
+
+impl HostVfs for SysfsHost {
+    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), String> {
+        vfmap_sysfs::ensure_bound(
+            &self.sysfs,
+            &vfmap_sysfs::FileWriter,
+            &vfmap_sysfs::Modprobe,
+            vf,
+            driver,
+            self.settle,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn reset(&self, vf: Bdf) -> Result<bool, String> {
+        vfmap_sysfs::reset_function(&self.sysfs, &vfmap_sysfs::FileWriter, vf)
+            .map_err(|e| format!("reset of {vf} failed: {e}"))
+    }
+}
