@@ -727,7 +727,7 @@ impl Engine {
                             "the VM no longer has the device (restarted?)".into(),
                         )
                         .await
-                        .or(Ok(())),
+                        .map(drop),
                 };
                 if let Err(reason) = outcome {
                     warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
