@@ -1,0 +1,483 @@
+//! The engine with in-process doubles of the hypervisor, the guest channel and the host:
+//! the attach path, a failure at each step rolled back, detach, and recovery after a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vfmap_core::protocol::{Answer, Entry, GuestPath};
+use vfmap_core::{Bdf, DriverName, Profiles, Request, SlotId, Tables, VmName, VmSpec};
+use vfmap_daemon::effects::{
+    BoxFuture, ChannelError, GuestChannel, HostVfs, Hypervisor, HypervisorError,
+};
+use vfmap_daemon::engine::{Adapters, Engine, EngineError};
+use vfmap_daemon::store::Store;
+use vfmap_sysfs::Sysfs;
+use vfmap_testkit::{PfSpec, SysfsTree};
+
+#[derive(Default)]
+struct FakeHv {
+    plugged: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    fail_attach: Mutex<Option<HypervisorError>>,
+    fail_detach: Mutex<bool>,
+}
+
+impl Hypervisor for FakeHv {
+    fn attach<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        slot: &'a SlotId,
+        id: &'a str,
+        _vf: Bdf,
+    ) -> BoxFuture<'a, Result<GuestPath, HypervisorError>> {
+        Box::pin(async move {
+            if let Some(e) = self.fail_attach.lock().unwrap().clone() {
+                return Err(e);
+            }
+            self.plugged
+                .lock()
+                .unwrap()
+                .entry(vm.name.to_string())
+                .or_default()
+                .insert(id.to_owned());
+            let port = vm.slots.iter().position(|s| s == slot).unwrap() as u8;
+            Ok(GuestPath {
+                port_device: 3,
+                port_function: port,
+                device: 0,
+                function: 0,
+            })
+        })
+    }
+    fn detach<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+        Box::pin(async move {
+            if *self.fail_detach.lock().unwrap() {
+                return Err(HypervisorError::Timeout(Duration::from_secs(1)));
+            }
+            self.plugged
+                .lock()
+                .unwrap()
+                .entry(vm.name.to_string())
+                .or_default()
+                .remove(id);
+            Ok(())
+        })
+    }
+    fn plugged<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+    ) -> BoxFuture<'a, Result<Vec<String>, HypervisorError>> {
+        Box::pin(async move {
+            Ok(self
+                .plugged
+                .lock()
+                .unwrap()
+                .get(vm.name.as_str())
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .collect())
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum AgentMode {
+    Bind,
+    WrongDriver,
+    Refuse,
+    Silent,
+}
+
+struct FakeAgent {
+    mode: Mutex<AgentMode>,
+    seen: Mutex<Vec<Vec<Entry>>>,
+}
+
+impl GuestChannel for FakeAgent {
+    fn apply<'a>(
+        &'a self,
+        _vm: &'a VmSpec,
+        entries: Vec<Entry>,
+        deadline: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().push(entries.clone());
+            let mode = *self.mode.lock().unwrap();
+            Ok(match mode {
+                AgentMode::Silent => return Err(ChannelError::Timeout(deadline)),
+                AgentMode::Refuse => entries
+                    .iter()
+                    .map(|e| Answer::Failed {
+                        local_index: e.local_index,
+                        reason: "modprobe failed".into(),
+                    })
+                    .collect(),
+                AgentMode::Bind | AgentMode::WrongDriver => entries
+                    .iter()
+                    .map(|e| Answer::Bound {
+                        local_index: e.local_index,
+                        driver: if mode == AgentMode::Bind {
+                            e.guest_driver.clone()
+                        } else {
+                            DriverName::new("nvme").unwrap()
+                        },
+                        guest_bdf: Bdf::new(0, e.local_index as u8 + 1, 0, 0).unwrap(),
+                    })
+                    .collect(),
+            })
+        })
+    }
+}
+
+#[derive(Default)]
+struct FakeHost {
+    binds: Mutex<Vec<Bdf>>,
+    resets: Mutex<Vec<Bdf>>,
+    fail_bind: Mutex<bool>,
+}
+
+impl HostVfs for FakeHost {
+    fn bind(&self, vf: Bdf, _driver: &DriverName) -> Result<(), String> {
+        if *self.fail_bind.lock().unwrap() {
+            return Err("vfio-pci refused".into());
+        }
+        self.binds.lock().unwrap().push(vf);
+        Ok(())
+    }
+    fn reset(&self, vf: Bdf) -> Result<bool, String> {
+        self.resets.lock().unwrap().push(vf);
+        Ok(true)
+    }
+}
+
+const PROFILE: &str = r#"
+[[card]]
+name = "acme"
+vendor = "0x1b36"
+device = "0x0010"
+num_vfs = 4
+[[card.function]]
+name = "crypto"
+vfs = "0-1"
+guest_driver = "pci-stub"
+[[card.function]]
+name = "compress"
+vfs = "2-3"
+guest_driver = "uio_pci_generic"
+"#;
+
+struct Rig {
+    dir: tempfile::TempDir,
+    tables: Tables,
+    hv: Arc<FakeHv>,
+    agent: Arc<FakeAgent>,
+    host: Arc<FakeHost>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = SysfsTree::new(dir.path().join("sys"));
+        tree.add_pf(&PfSpec::nvme("0000:01:00.0", 8).with_vfs(4));
+        let facts = Sysfs::new(tree.root()).discover().unwrap();
+        let tables = Tables::build(&facts, &Profiles::parse(PROFILE, "p.toml").unwrap());
+        Rig {
+            dir,
+            tables,
+            hv: Arc::default(),
+            agent: Arc::new(FakeAgent {
+                mode: Mutex::new(AgentMode::Bind),
+                seen: Mutex::default(),
+            }),
+            host: Arc::default(),
+        }
+    }
+
+    async fn engine(&self) -> Engine {
+        let locations: Vec<Bdf> = self.tables.vfs.iter().map(|v| v.location).collect();
+        let (store, loaded) = Store::open(&self.dir.path().join("state.db"), &locations).unwrap();
+        let adapters = Adapters {
+            hypervisor: self.hv.clone(),
+            channel: self.agent.clone(),
+            host: self.host.clone(),
+            agent_deadline: Duration::from_millis(200),
+        };
+        Engine::new(self.tables.clone(), store, loaded, adapters)
+            .await
+            .unwrap()
+    }
+}
+
+fn vm(name: &str) -> VmSpec {
+    VmSpec {
+        name: VmName::new(name).unwrap(),
+        qmp_socket: format!("/run/{name}.qmp"),
+        agent_socket: format!("/run/{name}.agent"),
+        slots: (0..3)
+            .map(|i| SlotId::new(&format!("rp{i}")).unwrap())
+            .collect(),
+        numa_node: None,
+    }
+}
+
+fn request(vm: &str, function: &str, count: u32) -> Request {
+    Request {
+        vm: VmName::new(vm).unwrap(),
+        function: function.into(),
+        count,
+        numa_node: None,
+        pf: None,
+    }
+}
+
+#[tokio::test]
+async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
+    let rig = Rig::new();
+    let engine = rig.engine().await;
+    engine.add_vm(vm("web")).await.unwrap();
+    let rows = engine.attach(request("web", "crypto", 1)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, "ready");
+    assert_eq!(rows[0].local_index, 0);
+    assert_eq!(rows[0].detail.guest_path.as_deref(), Some("03.0/00.0"));
+    assert_eq!(rows[0].detail.guest_driver.as_deref(), Some("pci-stub"));
+    let rows = engine.attach(request("web", "compress", 1)).await.unwrap();
+    assert_eq!(rows[0].local_index, 1);
+    // The agent got the whole correspondence the second time: both entries.
+    let last = rig.agent.seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last.iter().map(|e| e.local_index).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert_eq!(last[1].guest_driver.as_str(), "uio_pci_generic");
+
+    engine.detach("web", 0).await.unwrap();
+    let view = engine.vm_view("web").unwrap();
+    assert_eq!(view.correspondence.len(), 1);
+    assert_eq!(
+        rig.host.resets.lock().unwrap().len(),
+        1,
+        "released VF was reset"
+    );
+    assert_eq!(rig.hv.plugged.lock().unwrap()["web"].len(), 1);
+    let inventory = engine.inventory();
+    let crypto = inventory
+        .functions
+        .iter()
+        .find(|f| f.name == "crypto")
+        .unwrap();
+    assert_eq!((crypto.total, crypto.free), (2, 2));
+    engine.check().unwrap();
+}
+
+#[tokio::test]
+async fn a_failure_at_each_step_rolls_back_and_records_why() {
+    for (step, set_up, want) in [
+        ("host bind", 0, "vfio-pci refused"),
+        ("device_add", 1, "slot rp0 is occupied"),
+        (
+            "agent refuses",
+            2,
+            "could not bind pci-stub: modprobe failed",
+        ),
+        ("agent silent", 3, "did not answer"),
+        (
+            "agent binds the wrong driver",
+            4,
+            "bound nvme, not pci-stub",
+        ),
+    ] {
+        let rig = Rig::new();
+        match set_up {
+            0 => *rig.host.fail_bind.lock().unwrap() = true,
+            1 => {
+                *rig.hv.fail_attach.lock().unwrap() = Some(HypervisorError::SlotOccupied {
+                    slot: "rp0".into(),
+                    detail: "x".into(),
+                })
+            }
+            2 => *rig.agent.mode.lock().unwrap() = AgentMode::Refuse,
+            3 => *rig.agent.mode.lock().unwrap() = AgentMode::Silent,
+            _ => *rig.agent.mode.lock().unwrap() = AgentMode::WrongDriver,
+        }
+        let engine = rig.engine().await;
+        engine.add_vm(vm("web")).await.unwrap();
+        let err = engine
+            .attach(request("web", "crypto", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, EngineError::AttachFailed { .. }),
+            "{step}: {err}"
+        );
+        assert!(err.to_string().contains(want), "{step}: {err}");
+        let view = engine.vm_view("web").unwrap();
+        assert!(view.correspondence.is_empty(), "{step}: VF not returned");
+        assert!(view.failures[0].reason.contains(want), "{step}");
+        assert_eq!(
+            engine
+                .inventory()
+                .functions
+                .iter()
+                .find(|f| f.name == "crypto")
+                .unwrap()
+                .free,
+            2,
+            "{step}"
+        );
+        assert!(
+            rig.hv
+                .plugged
+                .lock()
+                .unwrap()
+                .values()
+                .all(BTreeSet::is_empty),
+            "{step}: left plugged"
+        );
+        engine.check().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_unplug_during_rollback_keeps_the_vf_reserved() {
+    let rig = Rig::new();
+    *rig.agent.mode.lock().unwrap() = AgentMode::Refuse;
+    *rig.hv.fail_detach.lock().unwrap() = true;
+    let engine = rig.engine().await;
+    engine.add_vm(vm("web")).await.unwrap();
+    let err = engine
+        .attach(request("web", "crypto", 1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stays reserved"), "{err}");
+    // It may still be in the VM: it must not go back to the pool.
+    assert_eq!(
+        engine
+            .inventory()
+            .functions
+            .iter()
+            .find(|f| f.name == "crypto")
+            .unwrap()
+            .free,
+        1
+    );
+}
+
+#[tokio::test]
+async fn requests_are_all_or_nothing_and_errors_change_nothing() {
+    let rig = Rig::new();
+    let engine = rig.engine().await;
+    engine.add_vm(vm("web")).await.unwrap();
+    let before = serde_json::to_value(engine.inventory()).unwrap();
+    for (req, want) in [
+        (
+            request("web", "crypto", 3),
+            "3 VF(s) of function \"crypto\" requested, 2 free",
+        ),
+        (request("nope", "crypto", 1), "no VM named \"nope\""),
+        (
+            request("web", "dance", 1),
+            "no VF carries function \"dance\"",
+        ),
+        (request("web", "crypto", 0), "`count` must be 1-256"),
+    ] {
+        let err = engine.attach(req).await.unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        assert_eq!(serde_json::to_value(engine.inventory()).unwrap(), before);
+    }
+    assert!(matches!(
+        engine.add_vm(vm("web")).await,
+        Err(EngineError::Pool(_))
+    ));
+    let rows = engine.attach(request("web", "crypto", 2)).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.local_index).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert!(matches!(
+        engine.detach("web", 2).await,
+        Err(EngineError::Pool(_))
+    ));
+    assert_eq!(engine.remove_vm("web").await.unwrap(), 2);
+    assert_eq!(
+        engine
+            .inventory()
+            .functions
+            .iter()
+            .find(|f| f.name == "crypto")
+            .unwrap()
+            .free,
+        2
+    );
+}
+
+#[tokio::test]
+async fn restart_recovers_in_flight_work_from_the_database() {
+    let rig = Rig::new();
+    {
+        let engine = rig.engine().await;
+        engine.add_vm(vm("web")).await.unwrap();
+        engine.attach(request("web", "crypto", 1)).await.unwrap();
+        engine.attach(request("web", "compress", 1)).await.unwrap();
+    }
+    // Between runs: the compress VF vanished from the VM (as if the VM restarted), and a stale
+    // attach of the other crypto VF was left at "plugged" (as if the daemon died there).
+    rig.hv
+        .plugged
+        .lock()
+        .unwrap()
+        .get_mut("web")
+        .unwrap()
+        .retain(|id| id != "vfmap-vf2");
+    {
+        let conn = vfmap_daemon::store::open_connection(&rig.dir.path().join("state.db")).unwrap();
+        conn.execute(
+            "INSERT INTO assignments (global_index, location, vm, local_index, function, state) VALUES (1, '0000:01:00.2', 'web', 2, 'crypto', 'plugged')",
+            [],
+        )
+        .unwrap();
+    }
+    rig.hv
+        .plugged
+        .lock()
+        .unwrap()
+        .get_mut("web")
+        .unwrap()
+        .insert("vfmap-vf1".into());
+
+    let engine = rig.engine().await;
+    engine.recover().await.unwrap();
+    let view = engine.vm_view("web").unwrap();
+    let kept: Vec<(u32, &str)> = view
+        .correspondence
+        .iter()
+        .map(|r| (r.local_index, r.state))
+        .collect();
+    assert_eq!(
+        kept,
+        [(0, "ready")],
+        "ready+plugged kept; lost and in-flight freed"
+    );
+    assert_eq!(
+        rig.hv.plugged.lock().unwrap()["web"]
+            .iter()
+            .collect::<Vec<_>>(),
+        ["vfmap-vf0"]
+    );
+    let inventory = engine.inventory();
+    assert_eq!(
+        inventory.vfs.iter().filter(|v| v.state.is_some()).count(),
+        1
+    );
+    assert!(
+        view.failures
+            .iter()
+            .any(|f| f.reason.contains("restarted during the attach"))
+    );
+    engine.check().unwrap();
+}
