@@ -1,8 +1,17 @@
-//! The vfmap host daemon.
+//! The vfmap host daemon: the pure pool (in `vfmap-core`) made durable and driven through its
+//! side effects.
+//!
+//! - [`store`]: SQLite state with group commit;
+//! - [`engine`]: attach/detach/recovery orchestration;
+//! - [`effects`]: the side-effect traits, with [`qmp`] (QEMU), [`channel`] (guest agent) and
+//!   the sysfs host as the real implementations;
+//! - [`api`]: HTTP/JSON on a unix socket; [`serve`]: start-up and configuration.
 
+pub mod api;
 pub mod channel;
 pub mod effects;
 pub mod engine;
 pub mod lines;
 pub mod qmp;
+pub mod serve;
 pub mod store;

@@ -1,0 +1,250 @@
+//! `vfmap serve`: configuration, start-up (inventory, prepare, state, recovery) and the API
+//! socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tracing::info;
+use vfmap_core::{Bdf, Profiles};
+use vfmap_sysfs::{FileWriter, Modprobe, Sysfs};
+
+use crate::channel::AgentChannel;
+use crate::effects::SysfsHost;
+use crate::engine::{Adapters, Engine, EngineError};
+use crate::qmp::{DeviceTemplate, Qmp};
+use crate::store::{Store, StoreError};
+
+/// The daemon's configuration file (TOML); every field is documented in README.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Root of the sysfs tree.
+    #[serde(default = "default_sysfs_root")]
+    pub sysfs_root: PathBuf,
+    /// Device profile files.
+    pub profiles: Vec<PathBuf>,
+    /// Directory for the state database.
+    pub state_dir: PathBuf,
+    /// The API's unix socket (created mode 0600).
+    pub socket: PathBuf,
+    /// QEMU `device_add` template for a VF; `{bdf}` is its host address.
+    #[serde(default = "default_template")]
+    pub device_template: String,
+    /// How long the guest agent may take to answer, in milliseconds.
+    #[serde(default = "default_agent_timeout")]
+    pub agent_timeout_ms: u64,
+    /// How long one QMP operation may take, in milliseconds.
+    #[serde(default = "default_qmp_timeout")]
+    pub qmp_timeout_ms: u64,
+    /// How long a host driver bind may take to show, in milliseconds.
+    #[serde(default = "default_settle")]
+    pub settle_ms: u64,
+}
+
+fn default_sysfs_root() -> PathBuf {
+    PathBuf::from("/sys")
+}
+fn default_template() -> String {
+    "vfio-pci,host={bdf}".into()
+}
+fn default_agent_timeout() -> u64 {
+    30_000
+}
+fn default_qmp_timeout() -> u64 {
+    10_000
+}
+fn default_settle() -> u64 {
+    5_000
+}
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The config file cannot be read or parsed.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A profile file cannot be read or parsed.
+    #[error(transparent)]
+    Profile(#[from] ProfileLoadError),
+    /// Preparing the host failed.
+    #[error("preparing the host failed")]
+    Prepare(#[from] vfmap_sysfs::PrepareError),
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Start-up recovery failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The socket or state directory cannot be set up.
+    #[error("cannot set up {}", path.display())]
+    Setup {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A profile file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileLoadError {
+    /// Unreadable.
+    #[error("cannot read profile file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Invalid.
+    #[error(transparent)]
+    Invalid(#[from] vfmap_core::ProfileError),
+}
+
+/// Reads and validates profile files, checked against each other.
+pub fn load_profiles(paths: &[PathBuf]) -> Result<Profiles, ProfileLoadError> {
+    let mut profiles = Profiles::default();
+    for path in paths {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileLoadError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        for card in Profiles::parse(&text, &name)?.cards {
+            profiles.add_card(card, &name)?;
+        }
+    }
+    Ok(profiles)
+}
+
+/// Reads a config file.
+pub fn load_config(path: &Path) -> Result<Config, ServeError> {
+    let bad = |message: String| ServeError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let config: Config = toml::from_str(&text).map_err(|e| bad(e.message().to_owned()))?;
+    DeviceTemplate::parse(&config.device_template).map_err(bad)?;
+    if config.profiles.is_empty() {
+        return Err(bad(
+            "`profiles` is empty: give at least one profile file".into()
+        ));
+    }
+    Ok(config)
+}
+
+fn setup(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
+    move |source| ServeError::Setup {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Starts the daemon and serves until SIGINT/SIGTERM.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let profiles = load_profiles(&config.profiles)?;
+    let sysfs = Sysfs::new(&config.sysfs_root);
+    let settle = Duration::from_millis(config.settle_ms);
+    let report = vfmap_sysfs::prepare(
+        &sysfs,
+        &profiles,
+        &FileWriter,
+        &Modprobe,
+        settle,
+        &mut |step| {
+            info!(step = %step, "prepare");
+        },
+    )?;
+    let tables = report.tables;
+    info!(
+        vfs = tables.vfs.len(),
+        functions = tables.functions.len(),
+        changes = report.steps.len(),
+        "host prepared"
+    );
+    for problem in &tables.problems {
+        tracing::warn!(device = %problem.device, attribute = %problem.attribute, "{}", problem.message);
+    }
+
+    std::fs::create_dir_all(&config.state_dir).map_err(setup(&config.state_dir))?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(setup(&config.state_dir))?;
+    let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
+    let (store, loaded) = Store::open(&config.state_dir.join("state.db"), &locations)?;
+
+    let template =
+        DeviceTemplate::parse(&config.device_template).map_err(|message| ServeError::Config {
+            path: "device_template".into(),
+            message,
+        })?;
+    let adapters = Adapters {
+        hypervisor: Arc::new(Qmp::new(
+            template,
+            Duration::from_millis(config.qmp_timeout_ms),
+        )),
+        channel: Arc::new(AgentChannel::new()),
+        host: Arc::new(SysfsHost { sysfs, settle }),
+        agent_deadline: Duration::from_millis(config.agent_timeout_ms),
+    };
+    let engine = Arc::new(Engine::new(tables, store, loaded, adapters).await?);
+    engine.recover().await?;
+
+    let listener = bind_socket(&config.socket)?;
+    info!(socket = %config.socket.display(), "API listening");
+    let app = crate::api::router(engine);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(setup(&config.socket))?;
+    let _ = std::fs::remove_file(&config.socket);
+    info!("stopped");
+    Ok(())
+}
+
+/// Binds the API socket, replacing a stale one (a socket file nobody listens on), mode 0600.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(setup(parent))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::Setup {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another daemon is listening on it",
+                ),
+            });
+        }
+        std::fs::remove_file(path).map_err(setup(path))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(setup(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup(path))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    info!("shutting down");
+}
