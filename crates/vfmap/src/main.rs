@@ -1,5 +1,8 @@
-//! `vfmap`: inventory and prepare SR-IOV hosts whose VFs carry different functions.
+//! `vfmap`: inventory and prepare SR-IOV hosts whose VFs carry different functions, run the
+//! host daemon, and drive it.
 
+mod client;
+mod remote;
 mod render;
 
 use std::io::{self, Write};
@@ -7,19 +10,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use vfmap_core::{Profiles, Tables, plan_binds, plan_sriov};
 use vfmap_sysfs::{FileWriter, Modprobe, PrepareError, Sysfs, prepare};
 
-/// Per-function SR-IOV VF pass-through: inventory and prepare the host.
+/// Per-function SR-IOV VF pass-through: inventory, host preparation, the host daemon and its
+/// client.
 #[derive(Debug, Parser)]
 #[command(name = "vfmap", version, about, propagate_version = true)]
 struct Cli {
     /// Print one JSON document on stdout instead of text (errors too).
     #[arg(long, global = true)]
     json: bool,
+    /// The daemon's API socket. With it, `inventory` asks the daemon instead of sysfs.
+    #[arg(long, global = true, env = "VFMAP_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,6 +50,31 @@ enum Command {
         #[arg(long, default_value_t = 5000, value_name = "MS")]
         settle_ms: u64,
     },
+    /// Run the host daemon (see README.md for the config file).
+    Serve {
+        /// The daemon's TOML config.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Register, remove and list VMs (daemon).
+    Vm {
+        #[command(subcommand)]
+        command: remote::VmCommand,
+    },
+    /// Give a VM VFs of a function (daemon).
+    Attach(remote::AttachArgs),
+    /// Take the VF at a VM's local index back (daemon).
+    Detach {
+        /// The VM.
+        vm: String,
+        /// The local index (slot position) to release.
+        local_index: u32,
+    },
+    /// Show VMs and their correspondence tables (daemon).
+    Status {
+        /// Only this VM.
+        vm: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,7 +88,9 @@ struct HostArgs {
 }
 
 /// Exit codes scripts can rely on (documented in README.md).
-mod exit {
+pub(crate) mod exit {
+    /// What was named does not exist (VM, function, local index).
+    pub const NOT_FOUND: u8 = 4;
     /// Bad arguments or profiles: fix the input.
     pub const BAD_INPUT: u8 = 2;
     /// The host is not in a state that allows the change; nothing was changed.
@@ -67,17 +100,21 @@ mod exit {
 }
 
 /// An error with the exit code and stable code it maps to.
-struct Failure {
+pub(crate) struct Failure {
     exit: u8,
-    code: &'static str,
+    code: String,
     error: anyhow::Error,
 }
 
 impl Failure {
-    fn new(exit: u8, code: &'static str, error: impl Into<anyhow::Error>) -> Failure {
+    pub(crate) fn new(
+        exit: u8,
+        code: impl Into<String>,
+        error: impl Into<anyhow::Error>,
+    ) -> Failure {
         Failure {
             exit,
-            code,
+            code: code.into(),
             error: error.into(),
         }
     }
@@ -107,7 +144,36 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    let remote = |socket: Option<PathBuf>| {
+        socket.ok_or_else(|| {
+            Failure::new(
+                exit::BAD_INPUT,
+                "bad_arguments",
+                anyhow::anyhow!(
+                    "this command talks to the daemon: pass --socket PATH or set VFMAP_SOCKET"
+                ),
+            )
+        })
+    };
     match cli.command {
+        Command::Inventory { .. } if cli.socket.is_some() => {
+            remote::run(&remote(cli.socket)?, remote::Call::Inventory, cli.json)
+        }
+        Command::Serve { config } => remote::serve(&config),
+        Command::Vm { command } => {
+            remote::run(&remote(cli.socket)?, remote::Call::Vm(command), cli.json)
+        }
+        Command::Attach(args) => {
+            remote::run(&remote(cli.socket)?, remote::Call::Attach(args), cli.json)
+        }
+        Command::Detach { vm, local_index } => remote::run(
+            &remote(cli.socket)?,
+            remote::Call::Detach { vm, local_index },
+            cli.json,
+        ),
+        Command::Status { vm } => {
+            remote::run(&remote(cli.socket)?, remote::Call::Status(vm), cli.json)
+        }
         Command::Inventory { host } => inventory(&host, cli.json),
         Command::Prepare {
             host,
@@ -118,21 +184,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn load_profiles(paths: &[PathBuf]) -> Result<Profiles, Failure> {
-    let mut profiles = Profiles::default();
-    for path in paths {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read profile file {name}"))
-            .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
-        let parsed = Profiles::parse(&text, &name)
-            .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
-        for card in parsed.cards {
-            profiles
-                .add_card(card, &name)
-                .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))?;
-        }
-    }
-    Ok(profiles)
+    vfmap_daemon::serve::load_profiles(paths)
+        .map_err(|e| Failure::new(exit::BAD_INPUT, "bad_profiles", e))
 }
 
 fn discover(root: &Path) -> Result<vfmap_core::HostFacts, Failure> {
@@ -141,7 +194,7 @@ fn discover(root: &Path) -> Result<vfmap_core::HostFacts, Failure> {
         .map_err(|e| Failure::new(exit::FAILED, "sysfs", e))
 }
 
-fn print_json(value: &impl Serialize) -> Result<(), Failure> {
+pub(crate) fn print_json(value: &impl Serialize) -> Result<(), Failure> {
     let stdout = io::stdout().lock();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
     serde_json::to_writer(&mut out, value)

@@ -1,0 +1,72 @@
+//! The daemon's API client: HTTP/1.1 over the unix socket.
+
+use std::path::Path;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// A call that did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon on the socket.
+    #[error(
+        "cannot reach the daemon at {path}: {reason} (is `vfmap serve` running? pass --socket or set VFMAP_SOCKET)"
+    )]
+    Connect {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the daemon failed: {0}")]
+    Http(String),
+    /// The daemon answered with something that is not JSON.
+    #[error("the daemon answered with non-JSON ({0})")]
+    NotJson(String),
+}
+
+/// Sends one request; returns the status and the JSON body.
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(StatusCode, Value), ClientError> {
+    let stream =
+        tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| ClientError::Connect {
+                path: socket.display().to_string(),
+                reason: e.to_string(),
+            })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(connection);
+    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "vfmap")
+        .header("content-type", "application/json")
+        .body(Full::new(bytes))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    let value = serde_json::from_slice(&body)
+        .map_err(|_| ClientError::NotJson(format!("HTTP {status}")))?;
+    Ok((status, value))
+}
