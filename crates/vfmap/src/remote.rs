@@ -1,7 +1,7 @@
 //! Commands that run or talk to the daemon.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -349,7 +349,7 @@ fn render(call_spec: &Call, value: &Value) -> String {
 }
 
 /// `vfmap serve --config FILE`.
-pub fn serve(config: &PathBuf) -> Result<(), Failure> {
+pub fn serve(config: &Path) -> Result<(), Failure> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

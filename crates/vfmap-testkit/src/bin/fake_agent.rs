@@ -78,7 +78,10 @@ fn handle(options: &Options, stream: UnixStream) -> std::io::Result<()> {
                         driver: e.guest_driver.clone(),
                         guest_bdf: Bdf::new(
                             0,
-                            e.path.port_function.wrapping_add(1).wrapping_add(8u8.wrapping_mul(e.path.port_device.wrapping_sub(3))),
+                            e.path
+                                .port_function
+                                .wrapping_add(1)
+                                .wrapping_add(8u8.wrapping_mul(e.path.port_device.wrapping_sub(3))),
                             e.path.device,
                             e.path.function,
                         )

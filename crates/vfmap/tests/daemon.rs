@@ -1,0 +1,685 @@
+//! The real daemon binary (`vfmap serve`) with its real QMP and channel adapters, against
+//! test-double processes: a fake QEMU (QMP) and a fake guest agent per VM, on a generated
+//! sysfs tree. Driven through the real CLI.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vfmap_testkit::{PfSpec, SysfsTree};
+
+const VFS: u16 = 16;
+const PROFILE: &str = r#"
+[[card]]
+name = "acme"
+vendor = "0x1b36"
+device = "0x0010"
+num_vfs = 16
+[[card.function]]
+name = "crypto"
+vfs = "0-7"
+guest_driver = "pci-stub"
+[[card.function]]
+name = "compress"
+vfs = "8-15"
+guest_driver = "uio_pci_generic"
+"#;
+
+/// The directory holding this package's binaries, and the testkit's next to them.
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_vfmap"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn testkit_bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let path = bin_dir().join(name);
+    BUILD.call_once(|| {
+        // Cargo builds a dependency's library, not its binaries: build the doubles once.
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "vfmap-testkit", "--bins"])
+            .status()
+            .expect("run cargo build for the test doubles");
+        assert!(status.success(), "building the test doubles failed");
+    });
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+struct Vm {
+    name: String,
+    qmp_state: PathBuf,
+    agent_state: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = SysfsTree::new(dir.path().join("sys"));
+        tree.add_driver("vfio-pci");
+        let mut pf = PfSpec::nvme("0000:01:00.0", VFS).with_vfs(VFS);
+        pf.autoprobe = false;
+        tree.add_pf(&pf);
+        // Already prepared: every VF on vfio-pci with the override pinned, and resettable.
+        for i in 0..VFS {
+            let vf = pf.location.vf_location(1, 1, i).unwrap();
+            tree.link_driver(vf, "vfio-pci");
+            std::fs::write(tree.device_link(vf).join("driver_override"), "vfio-pci\n").unwrap();
+            std::fs::write(tree.device_link(vf).join("reset"), "").unwrap();
+        }
+        std::fs::write(dir.path().join("profiles.toml"), PROFILE).unwrap();
+        let socket = dir.path().join("api.sock");
+        let config = dir.path().join("vfmap.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "sysfs_root = {:?}\nprofiles = [{:?}]\nstate_dir = {:?}\nsocket = {:?}\nagent_timeout_ms = 2000\nqmp_timeout_ms = 5000\n",
+                tree.root(),
+                dir.path().join("profiles.toml"),
+                dir.path().join("state"),
+                socket
+            ),
+        )
+        .unwrap();
+        World {
+            dir,
+            socket,
+            config,
+            daemon: None,
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    fn start(&mut self, failpoint: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfmap"));
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .stderr(log)
+            .stdout(Stdio::null());
+        if let Some(f) = failpoint {
+            cmd.env("VFMAP_FAILPOINT", f);
+        }
+        self.daemon = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "daemon exited {status}; log: {}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "daemon did not open its socket; log: {}",
+            self.log().display()
+        );
+    }
+
+    /// Waits for the daemon to die (a failpoint) and reaps it.
+    fn wait_dead(&mut self) {
+        let mut d = self.daemon.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while d.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "daemon did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut d = self.daemon.take().unwrap();
+        d.kill().unwrap(); // SIGKILL
+        d.wait().unwrap();
+    }
+
+    fn vm(&self, name: &str, slots: usize, agent_args: &[&str], qmp_args: &[&str]) -> Vm {
+        let dir = self.dir.path();
+        let slot_list: Vec<String> = (0..slots).map(|i| format!("rp{i}")).collect();
+        let (qmp, agent) = (
+            dir.join(format!("{name}.qmp")),
+            dir.join(format!("{name}.agent")),
+        );
+        let (qmp_state, agent_state) = (
+            dir.join(format!("{name}.qmp.state")),
+            dir.join(format!("{name}.agent.state")),
+        );
+        let children = vec![
+            Command::new(testkit_bin("vfmap-fake-qmp"))
+                .arg("--socket")
+                .arg(&qmp)
+                .args(["--slots", &slot_list.join(",")])
+                .arg("--state")
+                .arg(&qmp_state)
+                .args(qmp_args)
+                .spawn()
+                .unwrap(),
+            Command::new(testkit_bin("vfmap-fake-agent"))
+                .arg("--socket")
+                .arg(&agent)
+                .arg("--state")
+                .arg(&agent_state)
+                .args(agent_args)
+                .spawn()
+                .unwrap(),
+        ];
+        for s in [&qmp, &agent] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while UnixStream::connect(s).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "double did not listen on {}",
+                    s.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut args = vec![
+            "vm",
+            "add",
+            name,
+            "--qmp",
+            qmp.to_str().unwrap(),
+            "--agent",
+            agent.to_str().unwrap(),
+        ];
+        for s in &slot_list {
+            args.extend(["--slot", s]);
+        }
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "vm add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Vm {
+            name: name.into(),
+            qmp_state,
+            agent_state,
+            children,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vfmap"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Raw HTTP, for bodies the CLI would never send.
+    fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// Everything the daemon exposes, to compare before and after.
+    fn snapshot(&self) -> (Value, Value) {
+        (self.json(&["inventory"]), self.json(&["status"]))
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The daemon's view of a VM agrees with the fake QEMU's: same devices in the same slots, and
+/// nothing in flight.
+fn assert_consistent(world: &World, vm: &Vm) {
+    let status = world.json(&["status", &vm.name]);
+    let rows = status["correspondence"].as_array().unwrap();
+    for row in rows {
+        assert_eq!(
+            row["state"],
+            "ready",
+            "left in flight: {row}; log {}",
+            world.log().display()
+        );
+    }
+    let mut ours: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} vfmap-vf{} {}",
+                r["slot"].as_str().unwrap(),
+                r["global_index"],
+                r["host_vf"].as_str().unwrap()
+            )
+        })
+        .collect();
+    ours.sort();
+    let mut theirs = lines(&vm.qmp_state);
+    theirs.sort();
+    assert_eq!(
+        ours,
+        theirs,
+        "daemon and QEMU disagree; log {}",
+        world.log().display()
+    );
+    let inventory = world.json(&["inventory"]);
+    let held = inventory["vfs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["vm"].is_null())
+        .count();
+    let free: u64 = inventory["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["free"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held as u64 + free, u64::from(VFS), "a VF leaked");
+}
+
+#[test]
+fn attach_and_detach_through_the_cli() {
+    let mut world = World::new();
+    world.start(None);
+    let vm = world.vm("web-1", 4, &[], &[]);
+    let out = world.cli(&["attach", "web-1", "crypto"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("crypto") && text.contains("ready") && text.contains("pci-stub"),
+        "{text}"
+    );
+    let doc = world.json(&["attach", "web-1", "compress", "--count", "2"]);
+    let attached = doc["attached"].as_array().unwrap();
+    assert_eq!(
+        attached
+            .iter()
+            .map(|r| r["local_index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(attached[0]["guest_driver"], "uio_pci_generic");
+    assert_eq!(attached[0]["guest_path"], "03.1/00.0");
+    // The agent received the whole correspondence: local index -> function -> driver.
+    assert_eq!(
+        lines(&vm.agent_state),
+        [
+            "0 crypto pci-stub",
+            "1 compress uio_pci_generic",
+            "2 compress uio_pci_generic"
+        ]
+    );
+    assert_consistent(&world, &vm);
+
+    let out = world.cli(&["detach", "web-1", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lines(&vm.agent_state),
+        ["0 crypto pci-stub", "2 compress uio_pci_generic"]
+    );
+    assert_eq!(lines(&vm.qmp_state).len(), 2);
+    assert_consistent(&world, &vm);
+    let out = world.cli(&["vm", "rm", "web-1"]);
+    assert!(out.status.success());
+    assert!(lines(&vm.qmp_state).is_empty(), "vm rm released everything");
+    let inventory = world.json(&["inventory"]);
+    assert!(
+        inventory["vfs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["vm"].is_null())
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let mut world = World::new();
+    world.start(None);
+    let _vm = world.vm("web-1", 2, &[], &[]);
+    let out = world.cli(&["attach", "web-1", "crypto"]);
+    assert!(out.status.success());
+    let before = world.snapshot();
+    for (args, exit, want) in [
+        (vec!["attach", "nope", "crypto"], 4, "no VM named \"nope\""),
+        (
+            vec!["attach", "web-1", "dance"],
+            4,
+            "no VF carries function \"dance\"",
+        ),
+        (
+            vec!["attach", "web-1", "crypto", "--count", "9"],
+            3,
+            "9 VF(s) of function \"crypto\" requested, 7 free",
+        ),
+        (
+            vec!["attach", "web-1", "crypto", "--count", "2"],
+            3,
+            "1 free slot(s) of 2",
+        ),
+        (
+            vec!["attach", "web-1", "crypto", "--pf", "junk"],
+            2,
+            "not a PCI address",
+        ),
+        (vec!["detach", "web-1", "5"], 4, "nothing at local index 5"),
+        (vec!["vm", "rm", "ghost"], 4, "no VM named"),
+        (
+            vec![
+                "vm", "add", "web-1", "--qmp", "/x", "--agent", "/y", "--slot", "rp0",
+            ],
+            3,
+            "already registered",
+        ),
+        (
+            vec![
+                "vm", "add", "b", "--qmp", "rel", "--agent", "/y", "--slot", "rp0",
+            ],
+            2,
+            "absolute path",
+        ),
+        (
+            vec![
+                "vm", "add", "c", "--qmp", "/x", "--agent", "/y", "--slot", "0bad",
+            ],
+            2,
+            "not a valid slot id",
+        ),
+    ] {
+        let out = world.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(exit), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert_eq!(world.snapshot(), before, "{args:?} changed state");
+    }
+    for (method, path, body, status, code) in [
+        (
+            "POST",
+            "/v1/vms/web-1/attach",
+            "{not json",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms/web-1/attach",
+            r#"{"function":"crypto","colour":1}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms/web-1/attach",
+            r#"{"function":"crypto","count":-1}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","qmp_socket":"/a","agent_socket":"/b","slots":["rp0"],"extra":1}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","qmp_socket":"/a","agent_socket":"/b","slots":[]}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            "/v1/vms/web-1/devices/abc",
+            "",
+            400,
+            "bad_request",
+        ),
+        ("GET", "/v1/nothing", "", 404, "not_found"),
+    ] {
+        let (got, doc) = world.raw(method, path, body);
+        assert_eq!(got, status, "{method} {path} {body}: {doc}");
+        assert_eq!(doc["error"]["code"], code, "{doc}");
+        assert!(
+            doc["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert_eq!(
+            world.snapshot(),
+            before,
+            "{method} {path} {body} changed state"
+        );
+    }
+    let (status, doc) = world.raw(
+        "POST",
+        "/v1/vms/web-1/attach",
+        r#"{"function":"crypto","count":9}"#,
+    );
+    assert_eq!((status, doc["error"]["free"].as_u64()), (409, Some(7)));
+}
+
+#[test]
+fn sixty_four_racing_clients_get_exactly_the_pool() {
+    let mut world = World::new();
+    world.start(None);
+    let _vm = world.vm("race", 64, &[], &[]);
+    let children: Vec<Child> = (0..64)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_vfmap"))
+                .arg("--socket")
+                .arg(&world.socket)
+                .args(["attach", "race", "crypto"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut codes = std::collections::BTreeMap::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let code = out.status.code().unwrap();
+        if code == 3 {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("requested, 0 free") || stderr.contains("free"),
+                "{stderr}"
+            );
+        }
+        *codes.entry(code).or_insert(0) += 1;
+    }
+    assert_eq!(
+        codes,
+        [(0, 8), (3, 56)].into_iter().collect(),
+        "8 crypto VFs: 8 successes, 56 clear 409s"
+    );
+    let status = world.json(&["status", "race"]);
+    let mut locals: Vec<u64> = status["correspondence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["local_index"].as_u64().unwrap())
+        .collect();
+    locals.sort_unstable();
+    assert_eq!(
+        locals,
+        (0..8).collect::<Vec<_>>(),
+        "lowest local indexes, each once"
+    );
+}
+
+#[test]
+fn a_crash_at_every_step_is_recovered() {
+    for point in ["reserved", "host_bound", "plugged", "sent", "ready"] {
+        let mut world = World::new();
+        world.start(None);
+        let vm = world.vm("web-1", 4, &[], &[]);
+        world.kill9();
+        world.start(Some(point));
+        let out = world.cli(&["attach", "web-1", "crypto"]);
+        assert!(
+            !out.status.success(),
+            "{point}: the daemon should have died"
+        );
+        world.wait_dead();
+        world.start(None);
+        assert_consistent(&world, &vm);
+        let held = world.json(&["status", "web-1"])["correspondence"]
+            .as_array()
+            .unwrap()
+            .len();
+        // Committed as ready before the crash: kept. Anything earlier: rolled back.
+        assert_eq!(held, usize::from(point == "ready"), "{point}");
+    }
+    for point in ["releasing", "unplugged"] {
+        let mut world = World::new();
+        world.start(None);
+        let vm = world.vm("web-1", 4, &[], &[]);
+        assert!(world.cli(&["attach", "web-1", "crypto"]).status.success());
+        world.kill9();
+        world.start(Some(point));
+        assert!(!world.cli(&["detach", "web-1", "0"]).status.success());
+        world.wait_dead();
+        world.start(None);
+        assert_consistent(&world, &vm);
+        assert!(
+            world.json(&["status", "web-1"])["correspondence"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{point}: release finished"
+        );
+    }
+}
+
+#[test]
+fn kill_9_in_the_middle_of_device_add_is_recovered() {
+    let mut world = World::new();
+    world.start(None);
+    let vm = world.vm("web-1", 4, &[], &["--add-delay-ms", "1500"]);
+    let attach = Command::new(env!("CARGO_BIN_EXE_vfmap"))
+        .arg("--socket")
+        .arg(&world.socket)
+        .args(["attach", "web-1", "crypto"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    world.kill9();
+    let _ = attach.wait_with_output();
+    // Let the fake QEMU finish the device_add the dead daemon asked for.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        lines(&vm.qmp_state).len(),
+        1,
+        "the device landed in the VM after the crash"
+    );
+    world.start(None);
+    assert_consistent(&world, &vm);
+    assert!(
+        lines(&vm.qmp_state).is_empty(),
+        "recovery unplugged the orphan"
+    );
+}
+
+#[test]
+fn a_hostile_or_failing_agent_hurts_only_its_own_vm() {
+    let mut world = World::new();
+    world.start(None);
+    let hostile = world.vm("evil", 2, &["--hostile"], &[]);
+    let failing = world.vm("sad", 2, &["--fail-function", "crypto"], &[]);
+    let silent = world.vm("mute", 2, &["--silent"], &[]);
+    let good = world.vm("good", 2, &[], &[]);
+    // Junk before the real answer is dropped; the real answer still counts.
+    assert!(world.cli(&["attach", "evil", "crypto"]).status.success());
+    let out = world.cli(&["attach", "sad", "crypto"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("modprobe pci-stub: not found"));
+    let out = world.cli(&["attach", "mute", "compress"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not answer"));
+    assert!(world.cli(&["attach", "good", "crypto"]).status.success());
+    for vm in [&hostile, &failing, &silent, &good] {
+        assert_consistent(&world, vm);
+    }
+    let health = world.json(&["status"]);
+    assert_eq!(health["vms"].as_array().unwrap().len(), 4);
+    let out = BufReader::new(std::fs::File::open(world.log()).unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.contains("dropped"))
+        .count();
+    assert!(out >= 3, "the daemon logged the dropped lines");
+}
