@@ -16,7 +16,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::addr::Bdf;
+use crate::addr::{Bdf, PciId};
 use crate::profile::{DriverName, FunctionName};
 use crate::tables::GlobalIndex;
 
@@ -231,6 +231,10 @@ pub struct PoolVf {
     pub guest_driver: Option<DriverName>,
     /// NUMA node.
     pub numa_node: Option<i32>,
+    /// Vendor ID the VF reports.
+    pub vendor: Option<PciId>,
+    /// Device ID the VF reports.
+    pub device: Option<PciId>,
 }
 
 /// A service request: "give VM `vm` `count` VFs of `function`".
@@ -787,6 +791,8 @@ mod tests {
             host_driver: Some(DriverName::new("vfio-pci").unwrap()),
             guest_driver: Some(DriverName::new("pci-stub").unwrap()),
             numa_node: Some(numa),
+            vendor: None,
+            device: None,
         }
     }
 

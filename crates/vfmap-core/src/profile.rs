@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,9 +38,10 @@ pub enum ProfileError {
 }
 
 /// A validated name made for paths and protocols: `[a-z0-9][a-z0-9._-]*`, at most 64 bytes.
+/// Shared (`Arc<str>`): a host has tens of thousands of VFs and a handful of functions.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct FunctionName(String);
+pub struct FunctionName(Arc<str>);
 
 impl TryFrom<String> for FunctionName {
     type Error = String;
@@ -50,7 +52,7 @@ impl TryFrom<String> for FunctionName {
 
 impl From<FunctionName> for String {
     fn from(name: FunctionName) -> String {
-        name.0
+        name.0.to_string()
     }
 }
 
@@ -72,7 +74,7 @@ impl FunctionName {
                  and '-', starting with a letter or digit, at most 64 characters"
             ))
         } else {
-            Ok(FunctionName(text.to_owned()))
+            Ok(FunctionName(Arc::from(text)))
         }
     }
 
@@ -92,7 +94,7 @@ impl fmt::Display for FunctionName {
 /// ASCII letters, digits, `_` and `-`, at most 55 bytes (the kernel's `MODULE_NAME_LEN` less one).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct DriverName(String);
+pub struct DriverName(Arc<str>);
 
 impl TryFrom<String> for DriverName {
     type Error = String;
@@ -103,7 +105,7 @@ impl TryFrom<String> for DriverName {
 
 impl From<DriverName> for String {
     fn from(name: DriverName) -> String {
-        name.0
+        name.0.to_string()
     }
 }
 
@@ -121,7 +123,7 @@ impl DriverName {
                  (no '/', whitespace or '..'), at most 55 characters"
             ))
         } else {
-            Ok(DriverName(text.to_owned()))
+            Ok(DriverName(Arc::from(text)))
         }
     }
 

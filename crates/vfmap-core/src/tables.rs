@@ -7,6 +7,8 @@
 //! (PF location, VF number), so the same hardware and profiles always give the same numbering.
 //! VFs that no profile covers keep an index but have no function ("unassigned").
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::addr::{Bdf, PciId};
@@ -41,8 +43,8 @@ pub struct VfEntry {
     pub driver: Option<String>,
     /// The `driver_override` set now.
     pub driver_override: Option<String>,
-    /// The card profile covering the PF.
-    pub card: Option<String>,
+    /// The card profile covering the PF (shared by its VFs).
+    pub card: Option<Arc<str>>,
     /// The host driver the function wants (`None` when unassigned).
     pub host_driver: Option<DriverName>,
     /// The guest driver the function wants (`None` when unassigned).
@@ -126,6 +128,7 @@ impl Tables {
                     ),
                 });
             }
+            let card_name: Option<Arc<str>> = card.map(|c| Arc::from(c.name.as_str()));
             pfs.push(PfEntry {
                 location: pf.location,
                 vendor: pf.vendor,
@@ -153,7 +156,7 @@ impl Tables {
                     iommu_group: vf.iommu_group,
                     driver: vf.driver.clone(),
                     driver_override: vf.driver_override.clone(),
-                    card: card.map(|c| c.name.clone()),
+                    card: card_name.clone(),
                     host_driver: desc.map(|d| d.host_driver.clone()),
                     guest_driver: desc.map(|d| d.guest_driver.clone()),
                 });

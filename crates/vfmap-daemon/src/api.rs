@@ -153,7 +153,12 @@ async fn health(State(engine): Shared) -> Response {
 }
 
 async fn inventory(State(engine): Shared) -> Response {
-    Json(engine.inventory()).into_response()
+    let body = engine.inventory_json();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn list_vms(State(engine): Shared) -> Response {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{info, warn};
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
+use vfmap_core::tables::FunctionSummary;
 use vfmap_core::{
     AssignState, Assignment, Change, GlobalIndex, Pool, PoolError, PoolVf, Recovery, Request,
     Tables, VmSpec, plan_recovery,
@@ -160,6 +161,30 @@ pub struct InventoryFunction {
     pub free: usize,
 }
 
+/// A VF with its allocation, borrowed from the pool.
+#[derive(Serialize)]
+struct InventoryVfRef<'a> {
+    #[serde(flatten)]
+    vf: &'a PoolVf,
+    vm: Option<&'a str>,
+    local_index: Option<u32>,
+    state: Option<&'static str>,
+}
+
+struct VfsRef<'a>(&'a State);
+
+impl Serialize for VfsRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.pool.vfs().map(|vf| Engine::inventory_vf(self.0, vf)))
+    }
+}
+
+#[derive(Serialize)]
+struct InventoryRef<'a> {
+    functions: &'a [InventoryFunction],
+    vfs: VfsRef<'a>,
+}
+
 /// The inventory with allocation state.
 #[derive(Debug, Clone, Serialize)]
 pub struct InventoryView {
@@ -186,7 +211,7 @@ pub struct Engine {
     state: Mutex<State>,
     store: Store,
     adapters: Adapters,
-    tables: Tables,
+    functions: Vec<FunctionSummary>,
     degraded: AtomicBool,
 }
 
@@ -214,6 +239,8 @@ impl Engine {
                 host_driver: v.host_driver.clone(),
                 guest_driver: v.guest_driver.clone(),
                 numa_node: v.numa_node,
+                vendor: v.vendor,
+                device: v.device,
             })
         });
         let mut pool = Pool::new(vfs);
@@ -232,7 +259,8 @@ impl Engine {
             }),
             store,
             adapters,
-            tables,
+            // The rest of the tables is in the pool now; keep only what the pool lacks.
+            functions: tables.functions,
             degraded: AtomicBool::new(false),
         };
         for (a, why) in rejected {
@@ -335,14 +363,13 @@ impl Engine {
                     .as_deref()?
                     .parse()
                     .ok()?;
-                let row = self.tables.vfs.iter().find(|t| t.location == a.location);
                 Some(Entry {
                     local_index: a.local_index,
                     function: a.function.clone(),
                     guest_driver: vf.guest_driver.clone()?,
                     path,
-                    vendor: row.and_then(|r| r.vendor),
-                    device: row.and_then(|r| r.device),
+                    vendor: vf.vendor,
+                    device: vf.device,
                 })
             })
             .collect()
@@ -751,7 +778,6 @@ impl Engine {
             .map(|a| {
                 let vf = state.pool.vf(a.global_index);
                 let description = self
-                    .tables
                     .functions
                     .iter()
                     .find(|f| f.name == a.function)
@@ -801,12 +827,8 @@ impl Engine {
         names.iter().filter_map(|n| self.vm_view(n).ok()).collect()
     }
 
-    /// The inventory with allocation state.
-    pub fn inventory(&self) -> InventoryView {
-        let state = self.lock();
-        let functions = self
-            .tables
-            .functions
+    fn function_counts(&self, state: &State) -> Vec<InventoryFunction> {
+        self.functions
             .iter()
             .map(|f| InventoryFunction {
                 name: f.name.to_string(),
@@ -820,21 +842,50 @@ impl Engine {
                     .count(),
                 free: state.pool.free_count(f.name.as_str()),
             })
-            .collect();
-        let vfs = state
-            .pool
-            .vfs()
-            .map(|vf| {
-                let a = state.pool.assignment(vf.global_index);
-                InventoryVf {
-                    vf: vf.clone(),
-                    vm: a.map(|a| a.vm.to_string()),
-                    local_index: a.map(|a| a.local_index),
-                    state: a.map(|a| a.state.as_str()),
-                }
-            })
-            .collect();
-        InventoryView { functions, vfs }
+            .collect()
+    }
+
+    fn inventory_vf<'a>(state: &'a State, vf: &'a PoolVf) -> InventoryVfRef<'a> {
+        let a = state.pool.assignment(vf.global_index);
+        InventoryVfRef {
+            vf,
+            vm: a.map(|a| a.vm.as_str()),
+            local_index: a.map(|a| a.local_index),
+            state: a.map(|a| a.state.as_str()),
+        }
+    }
+
+    /// The inventory with allocation state (owned; for tests and small pools).
+    pub fn inventory(&self) -> InventoryView {
+        let state = self.lock();
+        InventoryView {
+            functions: self.function_counts(&state),
+            vfs: state
+                .pool
+                .vfs()
+                .map(|vf| {
+                    let r = Self::inventory_vf(&state, vf);
+                    InventoryVf {
+                        vf: vf.clone(),
+                        vm: r.vm.map(str::to_owned),
+                        local_index: r.local_index,
+                        state: r.state,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The inventory as JSON, serialised straight from the pool: no copy of 65,536 VFs.
+    pub fn inventory_json(&self) -> Vec<u8> {
+        let state = self.lock();
+        let functions = self.function_counts(&state);
+        let vfs = VfsRef(&state);
+        serde_json::to_vec(&InventoryRef {
+            functions: &functions,
+            vfs,
+        })
+        .unwrap_or_default()
     }
 
     /// Checks the pool's invariants (health endpoint, tests).

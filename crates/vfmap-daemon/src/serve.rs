@@ -153,7 +153,7 @@ fn setup(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
 /// Starts the daemon and serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let profiles = load_profiles(&config.profiles)?;
-    let sysfs = Sysfs::new(&config.sysfs_root);
+    let sysfs = Sysfs::new(&config.sysfs_root).with_threads(1);
     let settle = Duration::from_millis(config.settle_ms);
     let report = vfmap_sysfs::prepare(
         &sysfs,

@@ -20,12 +20,23 @@ use crate::SysfsError;
 #[derive(Debug, Clone)]
 pub struct Sysfs {
     root: PathBuf,
+    threads: Option<usize>,
 }
 
 impl Sysfs {
     /// A sysfs tree rooted at `root` (normally `/sys`).
     pub fn new(root: impl Into<PathBuf>) -> Sysfs {
-        Sysfs { root: root.into() }
+        Sysfs {
+            root: root.into(),
+            threads: None,
+        }
+    }
+
+    /// Caps discovery's threads (default: one per core). A long-running daemon uses 1: per-thread
+    /// allocator arenas would keep memory long after a parallel scan.
+    pub fn with_threads(mut self, threads: usize) -> Sysfs {
+        self.threads = Some(threads.max(1));
+        self
     }
 
     /// The root given to [`Sysfs::new`].
@@ -77,7 +88,7 @@ impl Sysfs {
         names.sort();
 
         // Phase 1: which entries are SR-IOV PFs: one failed open for most devices.
-        let probes = parallel_map(&names, 256, |name, problems| {
+        let probes = parallel_map(&names, 256, self.threads, |name, problems| {
             let name = name.to_string_lossy();
             let attribute = format!("{name}/sriov_totalvfs");
             let text = match read_attr_at(&devices_fd, &attribute) {
@@ -120,23 +131,28 @@ impl Sysfs {
         }
 
         // Phase 2: each PF and its VFs, one PF at a time per thread.
-        let pfs = parallel_map(&pfs_found, 1, |(location, total_vfs), problems| {
-            let name = location.to_string();
-            match open_dir(&devices_fd, name.as_str()) {
-                Ok(dir) => {
-                    let reader = DeviceReader::new(dir, &name, problems);
-                    Some(read_pf(&devices_fd, *location, *total_vfs, reader))
+        let pfs = parallel_map(
+            &pfs_found,
+            1,
+            self.threads,
+            |(location, total_vfs), problems| {
+                let name = location.to_string();
+                match open_dir(&devices_fd, name.as_str()) {
+                    Ok(dir) => {
+                        let reader = DeviceReader::new(dir, &name, problems);
+                        Some(read_pf(&devices_fd, *location, *total_vfs, reader))
+                    }
+                    Err(e) => {
+                        problems.push(problem(
+                            &name,
+                            ".",
+                            format!("cannot open the device directory: {e}"),
+                        ));
+                        None
+                    }
                 }
-                Err(e) => {
-                    problems.push(problem(
-                        &name,
-                        ".",
-                        format!("cannot open the device directory: {e}"),
-                    ));
-                    None
-                }
-            }
-        });
+            },
+        );
         let mut facts = HostFacts {
             pfs: Vec::with_capacity(pfs.len()),
             problems,
@@ -155,10 +171,11 @@ impl Sysfs {
 fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     per_thread: usize,
+    max_threads: Option<usize>,
     f: impl Fn(&T, &mut Vec<Problem>) -> R + Sync,
 ) -> Vec<(R, Vec<Problem>)> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+    let threads = max_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .min(items.len().div_ceil(per_thread.max(1)))
         .min(8);
     let next = AtomicUsize::new(0);
