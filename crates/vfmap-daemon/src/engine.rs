@@ -321,16 +321,46 @@ impl Engine {
         state: AssignState,
         detail: Option<Detail>,
     ) -> Result<(), EngineError> {
+        self.set_states(a, &[state], detail).await
+    }
+
+    /// Moves an assignment through consecutive states in one commit. Only for steps with no
+    /// side effect between them: the last state is durable before the next side effect.
+    async fn set_states(
+        &self,
+        a: &Assignment,
+        states: &[AssignState],
+        detail: Option<Detail>,
+    ) -> Result<(), EngineError> {
         self.commit(|s| {
-            let mut m = vec![Mutation::Pool(
-                s.pool.plan_set_state(a.global_index, state)?,
-            )];
+            let mut m = Vec::with_capacity(states.len() + 1);
+            let mut previous: Option<AssignState> = None;
+            for &state in states {
+                let change = match previous {
+                    None => s.pool.plan_set_state(a.global_index, state)?,
+                    Some(p) if p.next_attach_step() == Some(state) => Change::SetState {
+                        global_index: a.global_index,
+                        state,
+                    },
+                    Some(p) => {
+                        return Err(PoolError::BadTransition {
+                            global_index: a.global_index,
+                            from: p.as_str(),
+                            to: state.as_str(),
+                        });
+                    }
+                };
+                m.push(Mutation::Pool(change));
+                previous = Some(state);
+            }
             m.extend(detail.map(|d| Mutation::Detail(a.global_index, d)));
             Ok(m)
         })
         .await?;
-        info!(vm = %a.vm, local_index = a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
-        failpoint(state.as_str());
+        for state in states {
+            info!(vm = %a.vm, local_index = a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
+            failpoint(state.as_str());
+        }
         Ok(())
     }
 
@@ -501,13 +531,16 @@ impl Engine {
             guest_path: Some(path.to_string()),
             ..Detail::default()
         };
+        // Plugged and sent in one commit: nothing happens between them, and "sent" is
+        // durable before the agent hears anything.
         if let Err(e) = self
-            .set_state(a, AssignState::Plugged, Some(detail.clone()))
+            .set_states(
+                a,
+                &[AssignState::Plugged, AssignState::Sent],
+                Some(detail.clone()),
+            )
             .await
         {
-            return self.fail(vm, a, true, e.to_string()).await;
-        }
-        if let Err(e) = self.set_state(a, AssignState::Sent, None).await {
             return self.fail(vm, a, true, e.to_string()).await;
         }
         let answers = match self

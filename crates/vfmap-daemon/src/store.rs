@@ -345,39 +345,42 @@ fn now() -> i64 {
 }
 
 fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> {
+    // Cached statements: the writer runs the same few statements thousands of times.
+    let run =
+        |sql: &str, values: &[&dyn rusqlite::ToSql]| conn.prepare_cached(sql)?.execute(values);
     match mutation {
         Mutation::Pool(Change::AddVm(spec)) => {
             let json = serde_json::to_string(spec)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            conn.execute(
+            run(
                 "INSERT INTO vms (name, spec) VALUES (?1, ?2)",
                 params![spec.name.as_str(), json],
             )?;
         }
         Mutation::Pool(Change::RemoveVm(name)) => {
-            conn.execute("DELETE FROM vms WHERE name = ?1", params![name.as_str()])?;
+            run("DELETE FROM vms WHERE name = ?1", params![name.as_str()])?;
         }
         Mutation::Pool(Change::Reserve(assignments)) => {
-            let mut stmt = conn.prepare_cached(
-                "INSERT INTO assignments (global_index, location, vm, local_index, function, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for a in assignments {
-                stmt.execute(params![
-                    a.global_index,
-                    a.location.to_string(),
-                    a.vm.as_str(),
-                    a.local_index,
-                    a.function.as_str(),
-                    a.state.as_str()
-                ])?;
+                run(
+                    "INSERT INTO assignments (global_index, location, vm, local_index, function, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        a.global_index,
+                        a.location.to_string(),
+                        a.vm.as_str(),
+                        a.local_index,
+                        a.function.as_str(),
+                        a.state.as_str()
+                    ],
+                )?;
             }
         }
         Mutation::Pool(Change::SetState {
             global_index,
             state,
         }) => {
-            let n = conn.execute(
+            let n = run(
                 "UPDATE assignments SET state = ?2 WHERE global_index = ?1",
                 params![global_index, state.as_str()],
             )?;
@@ -386,26 +389,33 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             }
         }
         Mutation::Pool(Change::Free { global_index }) => {
-            conn.execute(
+            run(
                 "DELETE FROM assignments WHERE global_index = ?1",
                 params![global_index],
             )?;
         }
         Mutation::Detail(global_index, d) => {
-            conn.execute(
+            run(
                 "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1",
                 params![global_index, d.guest_path, d.guest_bdf, d.guest_driver],
             )?;
         }
         Mutation::Failure(f) => {
-            conn.execute(
+            run(
                 "INSERT INTO failures (vm, local_index, function, global_index, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![f.vm, f.local_index, f.function, f.global_index, f.reason, now()],
+                params![
+                    f.vm,
+                    f.local_index,
+                    f.function,
+                    f.global_index,
+                    f.reason,
+                    now()
+                ],
             )?;
             // Keep the table bounded: a guest failing in a loop must not fill the disk.
-            conn.execute(
+            run(
                 "DELETE FROM failures WHERE id <= (SELECT MAX(id) FROM failures) - 1000",
-                [],
+                params![],
             )?;
         }
     }
