@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod facts;
+mod names;
 pub mod plan;
 pub mod pool;
 pub mod profile;

@@ -12,7 +12,6 @@
 //! - every assignment's VM exists and its VF carries the assignment's function.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,31 +43,9 @@ impl VmName {
             ))
         }
     }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for VmName {
-    type Error = String;
-    fn try_from(text: String) -> Result<VmName, String> {
-        VmName::new(&text)
-    }
-}
-
-impl From<VmName> for String {
-    fn from(name: VmName) -> String {
-        name.0
-    }
-}
-
-impl fmt::Display for VmName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+crate::names::validated_name!(VmName);
 
 /// A hot-plug slot's id in the hypervisor (for QEMU, the id of an empty `pcie-root-port`):
 /// QEMU's id rule, a letter then letters, digits, `.`, `_`, `-`, at most 64 bytes.
@@ -92,31 +69,9 @@ impl SlotId {
             ))
         }
     }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for SlotId {
-    type Error = String;
-    fn try_from(text: String) -> Result<SlotId, String> {
-        SlotId::new(&text)
-    }
-}
-
-impl From<SlotId> for String {
-    fn from(id: SlotId) -> String {
-        id.0
-    }
-}
-
-impl fmt::Display for SlotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+crate::names::validated_name!(SlotId);
 
 /// A registered VM: how to reach it and where VFs can go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

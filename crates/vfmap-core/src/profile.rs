@@ -43,19 +43,6 @@ pub enum ProfileError {
 #[serde(try_from = "String", into = "String")]
 pub struct FunctionName(Arc<str>);
 
-impl TryFrom<String> for FunctionName {
-    type Error = String;
-    fn try_from(text: String) -> Result<FunctionName, String> {
-        FunctionName::new(&text)
-    }
-}
-
-impl From<FunctionName> for String {
-    fn from(name: FunctionName) -> String {
-        name.0.to_string()
-    }
-}
-
 impl FunctionName {
     /// Checks `text`; the error explains the rule.
     pub fn new(text: &str) -> Result<FunctionName, String> {
@@ -77,37 +64,15 @@ impl FunctionName {
             Ok(FunctionName(Arc::from(text)))
         }
     }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl fmt::Display for FunctionName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+crate::names::validated_name!(FunctionName);
 
 /// A kernel driver/module name that is safe to pass to `modprobe` and to join into a sysfs path:
 /// ASCII letters, digits, `_` and `-`, at most 55 bytes (the kernel's `MODULE_NAME_LEN` less one).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DriverName(Arc<str>);
-
-impl TryFrom<String> for DriverName {
-    type Error = String;
-    fn try_from(text: String) -> Result<DriverName, String> {
-        DriverName::new(&text)
-    }
-}
-
-impl From<DriverName> for String {
-    fn from(name: DriverName) -> String {
-        name.0.to_string()
-    }
-}
 
 impl DriverName {
     /// Checks `text`; the error explains the rule.
@@ -126,18 +91,9 @@ impl DriverName {
             Ok(DriverName(Arc::from(text)))
         }
     }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl fmt::Display for DriverName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+crate::names::validated_name!(DriverName);
 
 /// A set of VF numbers, written `"0-3,6,8-9"`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -501,3 +501,39 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 pub fn golden_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qemu-nvme-sriov")
 }
+
+/// Command-line flags of the test-double binaries: `--name value` pairs and bare `--switch`es.
+#[derive(Debug, Clone)]
+pub struct Flags(Vec<String>);
+
+impl Flags {
+    /// This process's arguments.
+    pub fn from_env() -> Flags {
+        Flags(std::env::args().skip(1).collect())
+    }
+
+    /// The value after `--name`.
+    pub fn value(&self, name: &str) -> Option<String> {
+        let i = self.0.iter().position(|a| a == name)?;
+        self.0.get(i + 1).cloned()
+    }
+
+    /// The value after `--name` as a number of milliseconds (0 when absent or malformed).
+    pub fn millis(&self, name: &str) -> std::time::Duration {
+        std::time::Duration::from_millis(self.value(name).and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// Whether `--name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+}
+
+/// Binds a test double's unix socket, replacing a stale file; exits with a message on failure.
+pub fn listen(socket: &str) -> std::os::unix::net::UnixListener {
+    let _ = fs::remove_file(socket);
+    std::os::unix::net::UnixListener::bind(socket).unwrap_or_else(|e| {
+        eprintln!("cannot listen on {socket}: {e}");
+        std::process::exit(1)
+    })
+}

@@ -10,7 +10,7 @@
 //! per entry.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use serde_json::json;
@@ -105,33 +105,21 @@ fn handle(options: &Options, stream: UnixStream) -> std::io::Result<()> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    let Some(socket) = value("--socket") else {
+    let flags = vfmap_testkit::Flags::from_env();
+    let Some(socket) = flags.value("--socket") else {
         eprintln!(
             "usage: vfmap-fake-agent --socket PATH [--state FILE] [--fail-function F] [--hostile] [--silent] [--delay-ms N]"
         );
         std::process::exit(2);
     };
     let options = Options {
-        state: value("--state"),
-        fail_function: value("--fail-function"),
-        hostile: has("--hostile"),
-        silent: has("--silent"),
-        delay: Duration::from_millis(
-            value("--delay-ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        ),
+        state: flags.value("--state"),
+        fail_function: flags.value("--fail-function"),
+        hostile: flags.has("--hostile"),
+        silent: flags.has("--silent"),
+        delay: flags.millis("--delay-ms"),
     };
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap_or_else(|e| panic!("bind {socket}: {e}"));
+    let listener = vfmap_testkit::listen(&socket);
     // Like QEMU's chardev socket server: one host connection at a time.
     for stream in listener.incoming().flatten() {
         let _ = handle(&options, stream);

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -160,39 +160,29 @@ fn handle(vm: &Arc<Mutex<Vm>>, stream: UnixStream) -> std::io::Result<()> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let Some(socket) = value("--socket") else {
+    let flags = vfmap_testkit::Flags::from_env();
+    let Some(socket) = flags.value("--socket") else {
         eprintln!(
             "usage: vfmap-fake-qmp --socket PATH --slots rp0,rp1 [--state FILE] [--add-delay-ms N] [--fail-add SLOT]"
         );
         std::process::exit(2);
     };
     let vm = Vm {
-        slots: value("--slots")
+        slots: flags
+            .value("--slots")
             .unwrap_or_default()
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
-        state_file: value("--state"),
-        add_delay: Duration::from_millis(
-            value("--add-delay-ms")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        ),
-        fail_add: value("--fail-add"),
+        state_file: flags.value("--state"),
+        add_delay: flags.millis("--add-delay-ms"),
+        fail_add: flags.value("--fail-add"),
         ..Vm::default()
     };
     vm.save();
     let vm = Arc::new(Mutex::new(vm));
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap_or_else(|e| panic!("bind {socket}: {e}"));
+    let listener = vfmap_testkit::listen(&socket);
     for stream in listener.incoming().flatten() {
         let vm = vm.clone();
         std::thread::spawn(move || {
