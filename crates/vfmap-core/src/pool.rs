@@ -47,6 +47,13 @@ impl VmName {
 
 crate::names::validated_name!(VmName);
 
+// Lets maps keyed by VmName be searched with a &str (String and str order alike).
+impl std::borrow::Borrow<str> for VmName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A hot-plug slot's id in the hypervisor (for QEMU, the id of an empty `pcie-root-port`):
 /// QEMU's id rule, a letter then letters, digits, `.`, `_`, `-`, at most 64 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

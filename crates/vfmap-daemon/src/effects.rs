@@ -13,7 +13,17 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Hypervisor failures, with what an operator needs to fix them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HypervisorError {
-    /// The control socket is missing or refuses connections.
+    /// Nothing listens on the control socket (missing, or connection refused): the VM is not
+    /// running, so nothing can be plugged in it.
+    #[error("the VM is not running: nothing listens on {socket} ({reason})")]
+    NotRunning {
+        /// The socket path.
+        socket: String,
+        /// Why.
+        reason: String,
+    },
+    /// The control socket cannot be used for another reason (e.g. permissions); the VM may be
+    /// running.
     #[error(
         "cannot reach the hypervisor at {socket}: {reason} (is the VM running with -qmp unix:{socket},server=on,wait=off?)"
     )]

@@ -680,7 +680,7 @@ impl Engine {
             info!(vm = %vm, local_index, vf = %current.location, state = "releasing", "assignment state");
             failpoint("releasing");
         }
-        self.finish_release(&spec, &current, true)
+        self.finish_release(&spec, &current, true, true)
             .await
             .map_err(|reason| EngineError::DetachFailed {
                 vm: vm.to_owned(),
@@ -689,11 +689,13 @@ impl Engine {
             })
     }
 
+    /// Agent unbinds (best effort), unplug (when `unplug`), reset, rebind the host driver, free.
     async fn finish_release(
         &self,
         vm: &VmSpec,
         a: &Assignment,
         tell_agent: bool,
+        unplug: bool,
     ) -> Result<(), String> {
         if tell_agent {
             // The agent unbinds the driver before the device goes; an absent agent must not
@@ -712,11 +714,13 @@ impl Engine {
                 warn!(vm = %vm.name, error = %e, "could not tell the agent before unplugging");
             }
         }
-        self.adapters
-            .hypervisor
-            .detach(vm, &device_id(a.global_index))
-            .await
-            .map_err(|e| e.to_string())?;
+        if unplug {
+            self.adapters
+                .hypervisor
+                .detach(vm, &device_id(a.global_index))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         failpoint("unplugged");
         self.reset(a.location).await;
         let host_driver = self
@@ -756,8 +760,9 @@ impl Engine {
             }
             let plugged = match self.adapters.hypervisor.plugged(&vm).await {
                 Ok(ids) => ids,
-                // The VM is not running: nothing of ours can be plugged in it.
-                Err(crate::effects::HypervisorError::Unreachable { .. }) => Vec::new(),
+                // Only a VM that is certainly not running has nothing plugged; anything less
+                // certain (a timeout, a permission error) must not free a VF that may be in use.
+                Err(crate::effects::HypervisorError::NotRunning { .. }) => Vec::new(),
                 Err(e) => {
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; leaving the VM's VFs reserved");
                     continue;
@@ -778,7 +783,7 @@ impl Engine {
                         )
                         .await
                         .map(drop),
-                    Recovery::FinishRelease => self.finish_release(&vm, a, false).await,
+                    Recovery::FinishRelease => self.finish_release(&vm, a, false, is_plugged).await,
                     Recovery::Lost => self
                         .roll_back(
                             &vm,

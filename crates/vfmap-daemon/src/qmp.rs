@@ -110,16 +110,19 @@ enum Reply {
 impl Session {
     async fn connect(socket: &str, timeout: Duration) -> Result<Session, HypervisorError> {
         let deadline = Instant::now() + timeout;
-        let unreachable = |reason: String| HypervisorError::Unreachable {
-            socket: socket.to_owned(),
-            reason,
-        };
         let stream = timeout_at(deadline, UnixStream::connect(socket))
             .await
-            .map_err(|_| {
-                unreachable("connect timed out (another QMP client may hold the socket)".into())
-            })?
-            .map_err(|e| unreachable(e.to_string()))?;
+            // A connect that hangs means a full backlog: QEMU is there but busy.
+            .map_err(|_| HypervisorError::Timeout(timeout))?
+            .map_err(|e| {
+                let (socket, reason) = (socket.to_owned(), e.to_string());
+                match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        HypervisorError::NotRunning { socket, reason }
+                    }
+                    _ => HypervisorError::Unreachable { socket, reason },
+                }
+            })?;
         let (read, writer) = stream.into_split();
         let mut session = Session {
             reader: BufReader::new(read),

@@ -53,8 +53,8 @@ pub struct Detail {
     /// The guest's address of the device, as the agent reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_bdf: Option<String>,
-    /// The driver the agent bound.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The driver the agent reports bound (the row's `guest_driver` is the one wanted).
+    #[serde(rename = "bound_driver", skip_serializing_if = "Option::is_none")]
     pub guest_driver: Option<String>,
 }
 

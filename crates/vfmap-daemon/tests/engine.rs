@@ -20,6 +20,8 @@ struct FakeHv {
     plugged: Mutex<BTreeMap<String, BTreeSet<String>>>,
     fail_attach: Mutex<Option<HypervisorError>>,
     fail_detach: Mutex<bool>,
+    /// What `plugged` answers instead of the list, when set.
+    plugged_error: Mutex<Option<HypervisorError>>,
 }
 
 impl Hypervisor for FakeHv {
@@ -72,6 +74,9 @@ impl Hypervisor for FakeHv {
         vm: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Vec<String>, HypervisorError>> {
         Box::pin(async move {
+            if let Some(e) = self.plugged_error.lock().unwrap().clone() {
+                return Err(e);
+            }
             Ok(self
                 .plugged
                 .lock()
@@ -462,4 +467,42 @@ async fn restart_recovers_in_flight_work_from_the_database() {
             .any(|f| f.reason.contains("restarted during the attach"))
     );
     engine.check().unwrap();
+}
+
+#[tokio::test]
+async fn recovery_frees_only_what_a_vm_that_is_not_running_cannot_hold() {
+    for (error, kept) in [
+        (
+            HypervisorError::NotRunning {
+                socket: "/run/web.qmp".into(),
+                reason: "refused".into(),
+            },
+            0,
+        ),
+        (HypervisorError::Timeout(Duration::from_secs(1)), 1),
+        (
+            HypervisorError::Unreachable {
+                socket: "/run/web.qmp".into(),
+                reason: "permission denied".into(),
+            },
+            1,
+        ),
+    ] {
+        let rig = Rig::new();
+        {
+            let engine = rig.engine().await;
+            engine.add_vm(vm("web")).await.unwrap();
+            engine.attach(request("web", "crypto", 1)).await.unwrap();
+        }
+        *rig.hv.plugged_error.lock().unwrap() = Some(error.clone());
+        let engine = rig.engine().await;
+        engine.recover().await.unwrap();
+        // A VM we merely cannot ask may still hold its VF: it must stay reserved, not reused.
+        assert_eq!(
+            engine.vm_view("web").unwrap().correspondence.len(),
+            kept,
+            "{error}"
+        );
+        assert_eq!(free(&engine, "crypto"), 2 - kept, "{error}");
+    }
 }

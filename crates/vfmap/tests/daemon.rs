@@ -366,6 +366,10 @@ fn attach_and_detach_through_the_cli() {
         [1, 2]
     );
     assert_eq!(attached[0]["guest_driver"], "uio_pci_generic");
+    assert_eq!(
+        attached[0]["bound_driver"], "uio_pci_generic",
+        "the agent reported the driver bound"
+    );
     assert_eq!(attached[0]["guest_path"], "03.1/00.0");
     // The agent received the whole correspondence: local index -> function -> driver.
     assert_eq!(
