@@ -458,6 +458,13 @@ impl Engine {
         let mut done = Vec::new();
         let mut reasons = Vec::new();
         for a in &reserved {
+            if !reasons.is_empty() {
+                // All or nothing: once one VF failed, the untried ones are just freed.
+                let _ = self
+                    .roll_back(&spec, a, false, "another VF of the request failed".into())
+                    .await;
+                continue;
+            }
             match self.attach_one(&spec, a).await {
                 Ok(()) => done.push(a.clone()),
                 Err(reason) => {

@@ -506,3 +506,24 @@ async fn recovery_frees_only_what_a_vm_that_is_not_running_cannot_hold() {
         assert_eq!(free(&engine, "crypto"), 2 - kept, "{error}");
     }
 }
+
+#[tokio::test]
+async fn a_failed_vf_releases_the_rest_of_its_request() {
+    let rig = Rig::new();
+    let engine = rig.engine().await;
+    engine.add_vm(vm("web")).await.unwrap();
+    *rig.agent.mode.lock().unwrap() = AgentMode::Refuse;
+    let err = engine
+        .attach(request("web", "crypto", 2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("modprobe failed"), "{err}");
+    assert_eq!(free(&engine, "crypto"), 2, "both VFs back in the pool");
+    assert!(engine.vm_view("web").unwrap().correspondence.is_empty());
+    assert_eq!(
+        rig.agent.seen.lock().unwrap().len(),
+        1,
+        "the second VF was never plugged"
+    );
+    engine.check().unwrap();
+}
