@@ -165,6 +165,13 @@ pub enum GuestMessage {
         /// The agent's name and version.
         agent: String,
     },
+    /// A host message the agent rejected (malformed, unknown version); nothing was done.
+    Error {
+        /// Protocol version.
+        v: u32,
+        /// Why, for the host's log.
+        reason: String,
+    },
     /// The answer to an `apply`.
     Result {
         /// Protocol version.
@@ -212,13 +219,13 @@ pub fn parse_guest_message(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
     check_len(line)?;
     let message: GuestMessage = serde_json::from_slice(line).map_err(shorten)?;
     match &message {
-        GuestMessage::Hello { v, agent } => {
+        GuestMessage::Hello { v, agent: text } | GuestMessage::Error { v, reason: text } => {
             if *v != VERSION {
                 return Err(ProtocolError::Version(*v));
             }
-            if agent.len() > MAX_TEXT || agent.chars().any(char::is_control) {
+            if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
                 return Err(ProtocolError::Invalid(
-                    "agent name too long or has control characters".into(),
+                    "text too long or has control characters".into(),
                 ));
             }
         }

@@ -111,6 +111,9 @@ impl GuestChannel for AgentChannel {
                     Ok(GuestMessage::Result { id: got, .. }) => {
                         warn!(vm = %vm.name, id = got, expected = id, "dropped an answer to another request");
                     }
+                    Ok(GuestMessage::Error { reason, .. }) => {
+                        warn!(vm = %vm.name, reason = %reason.escape_debug(), "the agent rejected a message");
+                    }
                     Ok(GuestMessage::Hello { agent, .. }) => {
                         tracing::debug!(vm = %vm.name, agent = %agent.escape_debug(), "agent hello");
                     }

@@ -144,7 +144,24 @@ impl SysfsTree {
         device: PciId,
         numa: i32,
     ) -> PathBuf {
-        let rel = SysfsTree::device_dir_rel(bdf, parent_bus);
+        self.add_device_at(
+            SysfsTree::device_dir_rel(bdf, parent_bus),
+            bdf,
+            vendor,
+            device,
+            numa,
+        )
+    }
+
+    /// Adds a PCI device whose directory is `rel` (relative to the root).
+    fn add_device_at(
+        &self,
+        rel: PathBuf,
+        bdf: Bdf,
+        vendor: PciId,
+        device: PciId,
+        numa: i32,
+    ) -> PathBuf {
         let dir = self.root.join(&rel);
         fs::create_dir_all(&dir).expect("create device dir");
         write(&dir.join("vendor"), &format!("{vendor}\n"));
@@ -165,6 +182,41 @@ impl SysfsTree {
         fs::write(dir.join("config"), config).expect("write config");
         symlink(Path::new("../../..").join(&rel), self.device_link(bdf)).expect("bus link");
         dir
+    }
+
+    /// Adds a root port on the root bus of domain 0 (a guest's hot-plug slot), e.g. `0000:00:03.0`.
+    pub fn add_root_port(&self, port: &str) -> Bdf {
+        let port: Bdf = port.parse().expect("port address");
+        let rel =
+            PathBuf::from(format!("devices/pci{:04x}:00", port.domain)).join(port.to_string());
+        self.add_device_at(rel, port, PciId(0x1b36), PciId(0x000c), -1);
+        port
+    }
+
+    /// Hot-plugs a device behind `port` (its directory is a child of the port's), as the
+    /// guest kernel shows it after pciehp brings it up.
+    pub fn plug_behind(&self, port: Bdf, bdf: &str, vendor: PciId, device: PciId) -> Bdf {
+        let bdf: Bdf = bdf.parse().expect("device address");
+        let rel = PathBuf::from(format!("devices/pci{:04x}:00", port.domain))
+            .join(port.to_string())
+            .join(bdf.to_string());
+        self.add_device_at(rel, bdf, vendor, device, -1);
+        bdf
+    }
+
+    /// Removes a device (hot-unplug).
+    pub fn unplug(&self, bdf: Bdf) {
+        let link = self.device_link(bdf);
+        let dir = fs::canonicalize(&link).expect("device dir");
+        fs::remove_dir_all(dir).expect("remove device dir");
+        fs::remove_file(link).expect("remove bus link");
+    }
+
+    /// Adds a virtio-serial port `vportNpM` named `name` under `class/virtio-ports`.
+    pub fn add_virtio_port(&self, vport: &str, name: &str) {
+        let dir = self.root.join("class/virtio-ports").join(vport);
+        fs::create_dir_all(&dir).expect("create port dir");
+        write(&dir.join("name"), &format!("{name}\n"));
     }
 
     /// Adds an SR-IOV PF (and its enabled VFs), as the kernel would show it.
