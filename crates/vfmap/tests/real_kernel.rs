@@ -6,57 +6,17 @@
 //! `scripts/test` installs and builds all of them and sets `VFMAP_REQUIRE_VM=1`, so there a
 //! missing piece fails instead of skipping.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static guest binary, or why the test cannot run.
-fn prerequisites() -> Result<PathBuf, String> {
-    let bin = std::env::var_os("VFMAP_GUEST_BIN").map_or_else(
-        || repo_root().join("target/x86_64-unknown-linux-gnu/release/vfmap"),
-        PathBuf::from,
-    );
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return Err(
-            "qemu-system-x86_64 is not installed (scripts/install-deps installs it)".into(),
-        );
-    }
-    if !std::fs::read_dir("/boot")
-        .map_err(|e| e.to_string())?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
-    {
-        return Err("no kernel in /boot (scripts/install-deps installs linux-image-amd64)".into());
-    }
-    if !bin.exists() {
-        return Err(format!(
-            "no static guest binary at {} (run scripts/vm/build-static)",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
 /// Runs the scenario, or returns `None` (with the reason printed) when it cannot run here.
 fn boot_scenario(mode: &str) -> Option<Console> {
-    let bin = match prerequisites() {
-        Ok(bin) => bin,
-        Err(why) if std::env::var_os("VFMAP_REQUIRE_VM").is_none() => {
-            eprintln!("skipped: {why}");
-            return None;
-        }
-        Err(why) => panic!("VFMAP_REQUIRE_VM is set but {why}"),
-    };
-    let root = repo_root();
+    let bin = common::require_guest_binary("vfmap")?;
+    let root = common::repo_root();
     let cache = root.join(".cache/vm");
     let initrd = cache.join(format!("{mode}.cpio.gz"));
     let status = Command::new(root.join("scripts/vm/build-initramfs"))

@@ -2,6 +2,7 @@
 # committed as a golden fixture: attribute files copied, symlinks recreated with their real
 # relative targets. VFs are enabled with autoprobe off, VF0 bound to vfio-pci, VF1 to pci-stub.
 . /lib/vfmap/lib.sh
+host_role_setup
 pf=/sys/bus/pci/devices/0000:01:00.0
 echo 0 > $pf/sriov_drivers_autoprobe
 echo 3 > $pf/sriov_numvfs

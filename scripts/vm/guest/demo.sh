@@ -1,5 +1,6 @@
 # The demo inside the SR-IOV host-role guest: inventory before, prepare, inventory after.
 . /lib/vfmap/lib.sh
+host_role_setup
 p=/etc/vfmap/profiles.toml
 section profiles cat $p
 section inventory-before vfmap inventory --profiles $p

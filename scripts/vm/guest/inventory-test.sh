@@ -1,6 +1,7 @@
 # Real-kernel test of `vfmap prepare` and `vfmap inventory` against this guest's real /sys.
 # Each step's output is framed by VFMAP-BEGIN/VFMAP-END lines for the host test to check.
 . /lib/vfmap/lib.sh
+host_role_setup
 p=/etc/vfmap/profiles.toml
 section inventory-before vfmap --json inventory --profiles $p
 section prepare vfmap prepare --profiles $p

@@ -16,3 +16,9 @@ section() {
     echo "VFMAP-END $name rc=$rc"
     return $rc
 }
+
+# host_role_setup: the SR-IOV host role (run-sriov-host): PF driver and vfio.
+host_role_setup() {
+    for m in nvme vfio_iommu_type1 vfio-pci; do modprobe "$m" || echo "VFMAP-WARN modprobe $m failed"; done
+    wait_for_link /sys/bus/pci/devices/0000:01:00.0/driver 30 || echo "VFMAP-WARN nvme PF has no driver"
+}
