@@ -112,6 +112,12 @@ pub trait GuestChannel: Send + Sync {
         entries: Vec<Entry>,
         deadline: Duration,
     ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>>;
+
+    /// Keep a connection to this VM's agent, to re-send the correspondence when it (re)connects.
+    fn watch(&self, _vm: &VmSpec) {}
+
+    /// Stop watching a VM (it was removed).
+    fn forget(&self, _vm: &str) {}
 }
 
 /// Host-side VF operations (sysfs).

@@ -20,7 +20,7 @@ use vfmap_core::{
     Tables, VmSpec, plan_recovery,
 };
 
-use crate::effects::{GuestChannel, HostVfs, Hypervisor};
+use crate::effects::{GuestChannel, HostVfs, Hypervisor, HypervisorError};
 use crate::store::{Detail, Failure, Loaded, Mutation, Store, StoreError};
 
 /// Engine failures; the API maps each to a status code.
@@ -411,6 +411,9 @@ impl Engine {
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_add_vm(spec)?)]))
             .await?;
         info!(vm = %name, "VM registered");
+        if let Ok(spec) = self.vm_spec(&name) {
+            self.adapters.channel.watch(&spec);
+        }
         self.vm_view(&name)
     }
 
@@ -436,6 +439,7 @@ impl Engine {
         }
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_remove_vm(name)?)]))
             .await?;
+        self.adapters.channel.forget(name);
         info!(vm = %name, released = held.len(), "VM removed");
         Ok(held.len())
     }
@@ -608,13 +612,7 @@ impl Engine {
         reason: String,
     ) -> Result<String, String> {
         warn!(vm = %vm.name, local_index = a.local_index, vf = %a.location, reason = %reason, "attach failed; rolling back");
-        if maybe_plugged
-            && let Err(e) = self
-                .adapters
-                .hypervisor
-                .detach(vm, &device_id(a.global_index))
-                .await
-        {
+        if maybe_plugged && let Err(e) = self.unplug(vm, a).await {
             return Err(format!(
                 "{reason}; the rollback could not unplug the VF ({e}), it stays reserved until the daemon restarts"
             ));
@@ -641,6 +639,19 @@ impl Engine {
         }
         info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "rolled back; VF free");
         Ok(reason)
+    }
+
+    /// Unplugs a VF. A VM that is certainly not running holds nothing: that counts as done.
+    async fn unplug(&self, vm: &VmSpec, a: &Assignment) -> Result<(), HypervisorError> {
+        match self
+            .adapters
+            .hypervisor
+            .detach(vm, &device_id(a.global_index))
+            .await
+        {
+            Ok(()) | Err(HypervisorError::NotRunning { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Rolls back and returns the reason the attach failed, whether or not the rollback completed.
@@ -722,11 +733,7 @@ impl Engine {
             }
         }
         if unplug {
-            self.adapters
-                .hypervisor
-                .detach(vm, &device_id(a.global_index))
-                .await
-                .map_err(|e| e.to_string())?;
+            self.unplug(vm, a).await.map_err(|e| e.to_string())?;
         }
         failpoint("unplugged");
         self.reset(a.location).await;
@@ -750,6 +757,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Re-sends a VM's whole correspondence (its agent reconnected, e.g. after a guest reboot)
+    /// and logs entries the agent could not bind.
+    pub async fn resync(&self, vm: &str) {
+        let Ok(spec) = self.vm_spec(vm) else { return };
+        let entries = self.entries(&spec);
+        match self
+            .adapters
+            .channel
+            .apply(&spec, entries, self.adapters.agent_deadline)
+            .await
+        {
+            Ok(answers) => {
+                for answer in answers {
+                    if let Answer::Failed {
+                        local_index,
+                        reason,
+                    } = answer
+                    {
+                        warn!(vm = %vm, local_index, reason = %reason.escape_debug(), "after resync the agent could not bind");
+                    }
+                }
+                info!(vm = %vm, "correspondence re-sent");
+            }
+            Err(e) => warn!(vm = %vm, error = %e, "re-sending the correspondence failed"),
+        }
+    }
+
     /// Completes or rolls back everything in flight after a restart, and frees VFs whose VM
     /// lost them. Runs before the API opens.
     pub async fn recover(&self) -> Result<(), EngineError> {
@@ -761,6 +795,7 @@ impl Engine {
             )
         };
         for vm in vms {
+            self.adapters.channel.watch(&vm);
             let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
             if mine.is_empty() {
                 continue;
@@ -769,7 +804,7 @@ impl Engine {
                 Ok(ids) => ids,
                 // Only a VM that is certainly not running has nothing plugged; anything less
                 // certain (a timeout, a permission error) must not free a VF that may be in use.
-                Err(crate::effects::HypervisorError::NotRunning { .. }) => Vec::new(),
+                Err(HypervisorError::NotRunning { .. }) => Vec::new(),
                 Err(e) => {
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; leaving the VM's VFs reserved");
                     continue;

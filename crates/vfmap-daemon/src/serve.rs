@@ -187,17 +187,26 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             path: "device_template".into(),
             message,
         })?;
+    let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let adapters = Adapters {
         hypervisor: Arc::new(Qmp::new(
             template,
             Duration::from_millis(config.qmp_timeout_ms),
         )),
-        channel: Arc::new(AgentChannel::new()),
+        channel: Arc::new(AgentChannel::new(resync_tx)),
         host: Arc::new(SysfsHost { sysfs, settle }),
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),
     };
     let engine = Arc::new(Engine::new(tables, store, loaded, adapters).await?);
     engine.recover().await?;
+    // An agent that (re)connects gets its VM's whole correspondence again.
+    let resyncer = engine.clone();
+    tokio::spawn(async move {
+        while let Some(vm) = resync_rx.recv().await {
+            let engine = resyncer.clone();
+            tokio::spawn(async move { engine.resync(&vm).await });
+        }
+    });
 
     let listener = bind_socket(&config.socket)?;
     info!(socket = %config.socket.display(), "API listening");

@@ -687,3 +687,108 @@ fn a_hostile_or_failing_agent_hurts_only_its_own_vm() {
         .count();
     assert!(out >= 3, "the daemon logged the dropped lines");
 }
+
+#[test]
+fn a_restarted_agent_gets_the_whole_correspondence_again() {
+    let mut world = World::new();
+    world.start(None);
+    let mut vm = world.vm("web-1", 3, &[], &[]);
+    assert!(world.cli(&["attach", "web-1", "crypto"]).status.success());
+    assert!(world.cli(&["attach", "web-1", "compress"]).status.success());
+    // The guest rebooted: a new agent with no memory of what it bound.
+    let agent_socket = world.dir.path().join("web-1.agent");
+    let mut old = vm.children.remove(1);
+    old.kill().unwrap();
+    old.wait().unwrap();
+    std::fs::remove_file(&vm.agent_state).unwrap();
+    vm.children.push(
+        Command::new(testkit_bin("vfmap-fake-agent"))
+            .arg("--socket")
+            .arg(&agent_socket)
+            .arg("--state")
+            .arg(&vm.agent_state)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lines(&vm.agent_state).len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no resync; log {}",
+            world.log().display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        lines(&vm.agent_state),
+        ["0 crypto pci-stub", "1 compress uio_pci_generic"]
+    );
+    assert_consistent(&world, &vm);
+}
+
+#[test]
+fn hypervisor_errors_are_clear_and_roll_back() {
+    let mut world = World::new();
+    world.start(None);
+    let _vm = world.vm("web-1", 1, &[], &[]);
+    // Same QEMU registered twice: the second VM's slot rp0 is taken by the first's device.
+    let dir = world.dir.path().to_owned();
+    let (qmp, agent) = (dir.join("web-1.qmp"), dir.join("web-1.agent"));
+    let (q, a) = (qmp.to_str().unwrap(), agent.to_str().unwrap());
+    assert!(
+        world
+            .cli(&[
+                "vm", "add", "twin", "--qmp", q, "--agent", a, "--slot", "rp0", "--slot", "rp7"
+            ])
+            .status
+            .success()
+    );
+    let gone = dir.join("nothing.qmp");
+    assert!(
+        world
+            .cli(&[
+                "vm",
+                "add",
+                "ghost",
+                "--qmp",
+                gone.to_str().unwrap(),
+                "--agent",
+                a,
+                "--slot",
+                "rp0"
+            ])
+            .status
+            .success()
+    );
+    assert!(world.cli(&["attach", "web-1", "crypto"]).status.success());
+    let before = world.json(&["inventory"]);
+    for (args, want) in [
+        (vec!["attach", "twin", "crypto"], "slot rp0 is occupied"),
+        (
+            vec!["attach", "ghost", "crypto"],
+            "the VM is not running: nothing listens on",
+        ),
+    ] {
+        let out = world.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert_eq!(world.json(&["inventory"]), before, "{args:?}: rolled back");
+    }
+    // rp7 does not exist in that QEMU.
+    assert!(
+        world
+            .cli(&[
+                "vm", "add", "odd", "--qmp", q, "--agent", a, "--slot", "rp7"
+            ])
+            .status
+            .success()
+    );
+    let out = world.cli(&["attach", "odd", "crypto"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("slot rp7 does not exist in the VM"),
+        "{stderr}"
+    );
+    assert_eq!(world.json(&["inventory"]), before);
+}
