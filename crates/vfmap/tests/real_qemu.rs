@@ -147,20 +147,27 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
     )
     .unwrap();
     let daemon_log = work.join("daemon.log");
-    children.0.push(
-        Command::new(env!("CARGO_BIN_EXE_vfmap"))
+    let start_daemon = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&daemon_log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vfmap"))
             .args(["serve", "--config"])
             .arg(work.join("vfmap.toml"))
-            .stderr(std::fs::File::create(&daemon_log).unwrap())
+            .stderr(log)
             .spawn()
-            .unwrap(),
-    );
-    wait_for(
-        "the daemon's socket",
-        &daemon_log,
-        Duration::from_secs(30),
-        || UnixStream::connect(&api).is_ok(),
-    );
+            .unwrap();
+        wait_for(
+            "the daemon's socket",
+            &daemon_log,
+            Duration::from_secs(30),
+            || UnixStream::connect(&api).is_ok(),
+        );
+        child
+    };
+    children.0.push(start_daemon());
     wait_for(
         "the agent in the guest",
         &console,
@@ -192,12 +199,21 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
         "vm", "add", "guest", "--qmp", q, "--agent", c, "--slot", "rp0", "--slot", "rp1", "--slot",
         "rp2", "--slot", "rp3",
     ]);
-    for function in ["storage", "compress", "crypto"] {
+    let attach = |function: &str| {
         let doc = cli(&["attach", "guest", function]);
         let row = &doc["attached"][0];
         assert_eq!(row["state"], "ready", "{doc}");
         assert_eq!(row["bound_driver"], row["guest_driver"], "{doc}");
-    }
+    };
+    attach("storage");
+    attach("compress");
+    // The host side goes away (kill -9) and comes back: the agent keeps its port open, the
+    // daemon's link reconnects and re-sends the correspondence, and work goes on.
+    let mut daemon = children.0.pop().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    children.0.push(start_daemon());
+    attach("crypto");
 
     // The guest's own sysfs: same vendor:device on all three, three different drivers.
     let want = |pairs: &[(&str, &str)]| {
