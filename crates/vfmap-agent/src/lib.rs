@@ -166,7 +166,8 @@ impl<'a> Agent<'a> {
                         .then_some(bdf)
                 })
             });
-            if let Some(bdf) = found {
+            // The directory shows up before its attributes: wait until the device is complete.
+            if let Some(bdf) = found.filter(|b| self.sysfs.device_dir(*b).join("vendor").exists()) {
                 return Ok(bdf);
             }
             if started.elapsed() >= timeout {

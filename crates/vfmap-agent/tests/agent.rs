@@ -242,3 +242,21 @@ fn finds_its_port_by_name() {
     assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p2")));
     assert_eq!(find_port(g.tree.root(), Path::new("/dev"), "other"), None);
 }
+
+#[test]
+fn a_device_directory_without_attributes_yet_is_waited_for() {
+    let g = guest();
+    let vendor = g
+        .tree
+        .device_link("0000:01:00.0".parse().unwrap())
+        .join("vendor");
+    let saved = std::fs::read(&vendor).unwrap();
+    std::fs::remove_file(&vendor).unwrap();
+    let restore = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(vendor, saved).unwrap();
+    });
+    let answers = g.agent().apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
+    restore.join().unwrap();
+    assert!(matches!(answers[0], Answer::Bound { .. }), "{answers:?}");
+}

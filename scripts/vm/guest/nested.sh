@@ -1,0 +1,15 @@
+# Outer (host-role) guest of the nested scenario: the SR-IOV PF and vfio here, the machine's own
+# root over 9p (read-only) for QEMU and the host binaries, writable paths on a tmpfs, then the
+# scenario script from the repository runs under chroot.
+. /lib/vfmap/lib.sh
+host_role_setup
+modprobe virtio_pci
+modprobe 9pnet_virtio
+modprobe 9p
+repo=$(sed -n 's/.*vfmap\.repo=\([^ ]*\).*/\1/p' /proc/cmdline)
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /host || { echo "VFMAP-FAIL mounting the host root over 9p"; exit 1; }
+for d in proc sys dev; do mount --bind /$d /host/$d; done
+mount -t tmpfs tmp /host/tmp
+mount -t tmpfs run /host/run
+chroot /host /bin/bash "$repo/scripts/vm/nested/scenario.sh" "$repo"
