@@ -36,6 +36,14 @@ step daemon
 $VFMAP serve --config $W/vfmap.toml 2> $W/daemon.log &
 for i in $(seq 100); do [ -S $W/api.sock ] && break; sleep 0.2; done
 $VFMAP --socket $W/api.sock inventory
+step controllers-online
+nvme list-secondary /dev/nvme0
+for c in 1 2 3; do
+  nvme virt-mgmt /dev/nvme0 -c $c -r 0 -a 8 -n 2
+  nvme virt-mgmt /dev/nvme0 -c $c -r 1 -a 8 -n 1
+  nvme virt-mgmt /dev/nvme0 -c $c -r 0 -a 9 -n 0
+done
+nvme list-secondary /dev/nvme0 | head -30
 step inner-vm
 qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 256 -smp 1 -display none -no-reboot -monitor none \
   -kernel /boot/vmlinuz-$KVER -initrd $REPO/.cache/vm/agent.cpio.gz \
@@ -52,7 +60,7 @@ step agent-up
 $VFMAP --socket $W/api.sock vm add inner --qmp $W/inner.qmp --agent $W/inner.agent --slot rp0 --slot rp1 --slot rp2 --slot rp3
 for f in storage crypto compress; do step attach-$f; $VFMAP --socket $W/api.sock attach inner $f; done
 step attached
-sleep 4
+sleep 8
 grep -a "VFMAP-DRIVERS" $W/inner.console | tail -1
 grep -a "vfmap-agent:" $W/inner.console | tail -5
 $VFMAP --socket $W/api.sock status
