@@ -1,0 +1,97 @@
+//! The whole mechanism with nothing faked (`scripts/vm/nested/scenario.sh`): an outer QEMU
+//! guest's real kernel owns an emulated NVMe SR-IOV PF behind an intel-iommu; the real
+//! `vfmap serve` runs on that kernel's /sys, creates the VFs and binds them to vfio-pci; an inner
+//! QEMU (from this machine's root, shared over 9p) gets one real VF per function through
+//! vfio-pci over QMP; the real `vfmap-agent` in it binds nvme, pci-stub and uio_pci_generic to
+//! the three same-ID VFs. Then a detach and a kill -9 mid-attach. About 3 minutes under TCG.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn real_vfs_through_vfio_into_a_real_vm_get_their_functions_drivers() {
+    let (Some(vfmap), Some(agent)) = (
+        common::require_guest_binary("vfmap"),
+        common::require_guest_binary("vfmap-agent"),
+    ) else {
+        return;
+    };
+    for tool in ["nvme", "socat"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            let why = format!("{tool} is not installed (scripts/install-deps installs it)");
+            assert!(
+                std::env::var_os("VFMAP_REQUIRE_VM").is_none(),
+                "VFMAP_REQUIRE_VM is set but {why}"
+            );
+            eprintln!("skipped: {why}");
+            return;
+        }
+    }
+    // The scenario runs the static binaries from the repository's target directory.
+    let expected = common::repo_root().join("target/x86_64-unknown-linux-gnu/release");
+    assert!(
+        vfmap.starts_with(&expected)
+            || vfmap.canonicalize().ok() == expected.join("vfmap").canonicalize().ok(),
+        "the nested scenario uses {}; build it with scripts/vm/build-static",
+        expected.display()
+    );
+    let root = common::repo_root();
+    let cache = root.join(".cache/vm");
+    for (image, extra) in [
+        (
+            "agent.cpio.gz",
+            Some(format!("{}:/bin/vfmap-agent", agent.display())),
+        ),
+        ("nested.cpio.gz", None),
+    ] {
+        let status = Command::new(root.join("scripts/vm/build-initramfs"))
+            .arg(cache.join(image))
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {image} failed");
+    }
+    let output = Command::new(root.join("scripts/vm/run-nested-host"))
+        .arg(cache.join("nested.cpio.gz"))
+        .arg("nested")
+        .arg("900")
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
+    let log = cache.join("nested.console.log");
+    std::fs::write(&log, &console).unwrap();
+    let checks: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("VFMAP-CHECK "))
+        .collect();
+    let failed: Vec<&&str> = checks
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}; console log: {}",
+        log.display()
+    );
+    for name in [
+        "guest-drivers",
+        "detach-guest",
+        "detach-host",
+        "recovered-vs-qemu",
+        "recovered-vs-guest",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|l| l.starts_with(&format!("VFMAP-CHECK {name} ok"))),
+            "check {name} did not run; console log: {}",
+            log.display()
+        );
+    }
+    assert!(
+        console.contains("VFMAP-RESULT PASS"),
+        "console log: {}",
+        log.display()
+    );
+}
