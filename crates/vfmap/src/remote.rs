@@ -205,7 +205,7 @@ fn correspondence(rows: &Value) -> String {
                 "state",
                 "guest_path",
                 "guest_bdf",
-                "guest_driver",
+                "bound_driver",
             ]
             .iter()
             .map(|k| text(r, k))
@@ -224,7 +224,7 @@ fn correspondence(rows: &Value) -> String {
             "STATE",
             "GUEST PATH",
             "GUEST BDF",
-            "DRIVER",
+            "BOUND DRIVER",
         ],
         rows,
     )
