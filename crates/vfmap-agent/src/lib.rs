@@ -108,6 +108,18 @@ pub struct Agent<'a> {
     writer: &'a dyn SysfsWriter,
     loader: &'a dyn ModuleLoader,
     current: BTreeMap<u32, Published>,
+    timings: Vec<Timing>,
+}
+
+/// How long one entry of the last `apply` took, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// The entry.
+    pub local_index: u32,
+    /// From receiving the correspondence until the device was found (hot-plug seen).
+    pub device: Duration,
+    /// From finding the device until its driver was bound and verified.
+    pub bind: Duration,
 }
 
 fn read_id(dir: &Path, attribute: &str) -> Option<PciId> {
@@ -140,7 +152,13 @@ impl<'a> Agent<'a> {
             writer,
             loader,
             current,
+            timings: Vec::new(),
         }
+    }
+
+    /// Timings of the entries bound by the last `apply`.
+    pub fn timings(&self) -> &[Timing] {
+        &self.timings
     }
 
     /// What is published now.
@@ -180,7 +198,7 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn bind_entry(&self, entry: &Entry) -> Result<Bdf, AgentError> {
+    fn bind_entry(&self, entry: &Entry, received: Instant) -> Result<(Bdf, Timing), AgentError> {
         if let Some(allowed) = &self.config.allowed_drivers
             && !allowed.iter().any(|d| d == entry.guest_driver.as_str())
         {
@@ -190,6 +208,7 @@ impl<'a> Agent<'a> {
             entry.path,
             Duration::from_millis(self.config.hotplug_timeout_ms),
         )?;
+        let found = Instant::now();
         let dir = self.sysfs.device_dir(bdf);
         for (attribute, expected) in [("vendor", entry.vendor), ("device", entry.device)] {
             if let Some(expected) = expected {
@@ -222,7 +241,12 @@ impl<'a> Agent<'a> {
                 .write(&override_path, entry.guest_driver.as_str())
                 .map_err(|e| AgentError::Bind(format!("cannot pin driver_override: {e}")))?;
         }
-        Ok(bdf)
+        let timing = Timing {
+            local_index: entry.local_index,
+            device: found - received,
+            bind: found.elapsed(),
+        };
+        Ok((bdf, timing))
     }
 
     /// Unbinds a device that left the correspondence and clears its override. A device that is
@@ -252,6 +276,8 @@ impl<'a> Agent<'a> {
     /// Makes the guest match `entries` (the whole correspondence), answers per entry, and
     /// publishes the result.
     pub fn apply(&mut self, entries: &[Entry]) -> Vec<Answer> {
+        let received = Instant::now();
+        self.timings.clear();
         for (local_index, old) in std::mem::take(&mut self.current) {
             if entries.iter().any(|e| e.local_index == local_index) {
                 self.current.insert(local_index, old);
@@ -261,23 +287,26 @@ impl<'a> Agent<'a> {
         }
         let mut answers = Vec::with_capacity(entries.len());
         for entry in entries {
-            let (answer, published) = match self.bind_entry(entry) {
-                Ok(bdf) => (
-                    Answer::Bound {
-                        local_index: entry.local_index,
-                        driver: entry.guest_driver.clone(),
-                        guest_bdf: bdf,
-                    },
-                    Published {
-                        local_index: entry.local_index,
-                        function: entry.function.to_string(),
-                        path: entry.path.to_string(),
-                        guest_bdf: Some(bdf.to_string()),
-                        driver: Some(entry.guest_driver.to_string()),
-                        state: "bound".into(),
-                        reason: None,
-                    },
-                ),
+            let (answer, published) = match self.bind_entry(entry, received) {
+                Ok((bdf, timing)) => {
+                    self.timings.push(timing);
+                    (
+                        Answer::Bound {
+                            local_index: entry.local_index,
+                            driver: entry.guest_driver.clone(),
+                            guest_bdf: bdf,
+                        },
+                        Published {
+                            local_index: entry.local_index,
+                            function: entry.function.to_string(),
+                            path: entry.path.to_string(),
+                            guest_bdf: Some(bdf.to_string()),
+                            driver: Some(entry.guest_driver.to_string()),
+                            state: "bound".into(),
+                            reason: None,
+                        },
+                    )
+                }
                 Err(e) => {
                     let mut reason = e.to_string();
                     reason.truncate(vfmap_core::protocol::MAX_TEXT);

@@ -5,6 +5,23 @@ modprobe virtio_pci
 modprobe virtio_console
 mkdir -p /run/vfmap
 vfmap-agent > /dev/console 2>&1 &
+# Benchmark baseline (vfmap.baseline=1): the bare minimum by hand, with no vfmap involved. A
+# shell binds pci-stub to whatever appears behind root port 03.3, with driver_override +
+# drivers_probe, polling like the agent does.
+if grep -q "vfmap.baseline=1" /proc/cmdline; then
+    modprobe pci-stub
+    (
+        while true; do
+            for d in /sys/devices/pci0000:00/0000:00:03.3/0000:0*; do
+                [ -e "$d/vendor" ] && [ ! -e "$d/driver" ] || continue
+                echo pci-stub > "$d/driver_override"
+                echo "${d##*/}" > /sys/bus/pci/drivers_probe
+                [ -e "$d/driver" ] && echo "VFMAP-BASELINE-BOUND ${d##*/}"
+            done
+            sleep 0.05
+        done
+    ) &
+fi
 while true; do
     drivers=""
     for d in /sys/bus/pci/devices/*; do

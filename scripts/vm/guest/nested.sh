@@ -12,4 +12,5 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /host || {
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
-chroot /host /bin/bash "$repo/scripts/vm/nested/scenario.sh" "$repo"
+rounds=$(sed -n 's/.*vfmap\.rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
+chroot /host /bin/bash "$repo/scripts/vm/nested/${NESTED_SCRIPT:-scenario.sh}" "$repo" ${rounds:-5}

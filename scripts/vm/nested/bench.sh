@@ -1,0 +1,64 @@
+#!/bin/bash
+# The attach-path benchmark inside the nested set-up (outer guest, chroot of this machine's
+# root). For ROUNDS rounds, on the same VF (crypto, 0000:01:00.2) and the same guest driver
+# (pci-stub):
+#   vfmap:    `vfmap attach` end to end, split into stages from the daemon's state log and the
+#             agent's own timings, then `vfmap detach`;
+#   baseline: the bare minimum by hand: a raw QMP device_add of the VF into root port rp3 and a
+#             guest shell doing driver_override + drivers_probe, then device_del.
+# Prints "VFMAP-BENCH ..." rows and a summary line.
+#   bench.sh REPO [ROUNDS]
+REPO=$1
+ROUNDS=${2:-5}
+. "$REPO/scripts/vm/nested/lib.sh"
+VF=0000:01:00.2
+
+ms() { echo "$1 $2" | awk '{printf "%.0f", ($2 - $1) * 1000}'; }
+now() { echo "${EPOCHREALTIME}"; }
+# Epoch seconds of the last daemon log line for the VF with this state ("reserved" = reservation).
+log_time() {
+    local line
+    if [ "$1" = reserved ]; then
+        line=$(grep -a "assignment reserved" "$W/daemon.log" | grep "vf=$VF" | tail -1)
+    else
+        line=$(grep -a "assignment state" "$W/daemon.log" | grep "vf=$VF" | grep "state=\"$1\"" | tail -1)
+    fi
+    date -d "${line%% *}" +%s.%N
+}
+qmp() { # qmp JSON-COMMAND: one command on a fresh QMP connection
+    printf '{"execute":"qmp_capabilities"}\n%s\n' "$1" | socat -t 3 - "UNIX-CONNECT:$W/inner.qmp" > /dev/null
+}
+baseline_count() { grep -ac "^VFMAP-BASELINE-BOUND" "$W/inner.console"; }
+
+step "starting the daemon, the VFs' controllers and the VM (with the baseline watcher on rp3)"
+start_daemon || check daemon-start FAIL ""
+controllers_online
+start_vm "vfmap.baseline=1"
+vfmap vm add inner --qmp "$W/inner.qmp" --agent "$W/inner.agent" --slot rp0 --slot rp1 --slot rp2 > /dev/null
+
+echo "VFMAP-BENCH round tool total_ms reserve_ms host_bind_ms device_add_ms guest_sees_ms driver_bound_ms answer_ms"
+for r in $(seq "$ROUNDS"); do
+    step "round $r: vfmap"
+    t0=$(now)
+    vfmap attach inner crypto > /dev/null || check attach-$r FAIL ""
+    t1=$(now)
+    reserved=$(log_time reserved); bound=$(log_time host_bound); plugged=$(log_time plugged); sent=$(log_time sent); ready=$(log_time ready)
+    agent=$(grep -a "vfmap-agent: timing local_index=0 " "$W/inner.console" | tail -1)
+    seen=$(echo "$agent" | sed -n 's/.*device_ms=\([0-9]*\).*/\1/p')
+    drv=$(echo "$agent" | sed -n 's/.*bind_ms=\([0-9]*\).*/\1/p')
+    answer=$(( $(ms "$sent" "$ready") - ${seen:-0} - ${drv:-0} ))
+    echo "VFMAP-BENCH $r vfmap $(ms "$t0" "$t1") $(ms "$t0" "$reserved") $(ms "$reserved" "$bound") $(ms "$bound" "$plugged") ${seen:--} ${drv:--} $answer"
+    vfmap detach inner 0 > /dev/null || check detach-$r FAIL ""
+
+    step "round $r: baseline (raw QMP device_add + shell driver_override/drivers_probe)"
+    before=$(baseline_count)
+    t0=$(now)
+    qmp "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"vfio-pci\",\"host\":\"$VF\",\"id\":\"base$r\",\"bus\":\"rp3\",\"addr\":\"0\"}}" &
+    until [ "$(baseline_count)" -gt "$before" ]; do sleep 0.02; done
+    t1=$(now)
+    wait
+    echo "VFMAP-BENCH $r baseline $(ms "$t0" "$t1") - - - - - -"
+    qmp "{\"execute\":\"device_del\",\"arguments\":{\"id\":\"base$r\"}}"
+    sleep 3 # let the unplug finish before the VF is used again
+done
+echo "VFMAP-RESULT $([ $failed = 0 ] && echo PASS || echo FAIL)"
