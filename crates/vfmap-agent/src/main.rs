@@ -83,6 +83,14 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
                             serde_json::to_string(a).unwrap_or_default()
                         );
                     }
+                    for t in agent.timings() {
+                        eprintln!(
+                            "vfmap-agent: timing local_index={} device_ms={} bind_ms={}",
+                            t.local_index,
+                            t.device.as_millis(),
+                            t.bind.as_millis()
+                        );
+                    }
                     send(
                         &mut port,
                         &GuestMessage::Result {

@@ -110,7 +110,14 @@ fn same_id_devices_get_their_functions_drivers() {
             (2, "pci-stub".into(), "0000:03:00.0".into())
         ]
     );
-    assert_eq!(agent.timings().iter().map(|t| t.local_index).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(
+        agent
+            .timings()
+            .iter()
+            .map(|t| t.local_index)
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
     assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
     assert_eq!(g.driver("0000:02:00.0").as_deref(), Some("uio_pci_generic"));
     assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));

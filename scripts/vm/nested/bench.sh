@@ -43,7 +43,8 @@ for r in $(seq "$ROUNDS"); do
     vfmap attach inner crypto > /dev/null || check attach-$r FAIL ""
     t1=$(now)
     reserved=$(log_time reserved); bound=$(log_time host_bound); plugged=$(log_time plugged); sent=$(log_time sent); ready=$(log_time ready)
-    agent=$(grep -a "vfmap-agent: timing local_index=0 " "$W/inner.console" | tail -1)
+    agent=$(grep -a "vfmap-agent: timing local_index=0 " "$W/inner.console" | tail -1 | tr -d '\r')
+    [ -n "$agent" ] || { echo "no agent timing; agent lines:"; grep -a "vfmap-agent" "$W/inner.console" | tail -4; }
     seen=$(echo "$agent" | sed -n 's/.*device_ms=\([0-9]*\).*/\1/p')
     drv=$(echo "$agent" | sed -n 's/.*bind_ms=\([0-9]*\).*/\1/p')
     answer=$(( $(ms "$sent" "$ready") - ${seen:-0} - ${drv:-0} ))
@@ -54,9 +55,16 @@ for r in $(seq "$ROUNDS"); do
     before=$(baseline_count)
     t0=$(now)
     qmp "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"vfio-pci\",\"host\":\"$VF\",\"id\":\"base$r\",\"bus\":\"rp3\",\"addr\":\"0\"}}" &
-    until [ "$(baseline_count)" -gt "$before" ]; do sleep 0.02; done
+    qmp_pid=$!
+    deadline=$((SECONDS + 60))
+    until [ "$(baseline_count)" -gt "$before" ] || [ $SECONDS -ge $deadline ]; do sleep 0.02; done
     t1=$(now)
-    wait
+    wait "$qmp_pid" # only the QMP client: the daemon and the VM are background jobs too
+    if [ "$(baseline_count)" -le "$before" ]; then
+        check baseline-$r FAIL "the guest shell did not bind the device"
+        grep -a "BASELINE\|timing\|VFMAP-DRIVERS" "$W/inner.console" | tail -5
+        break
+    fi
     echo "VFMAP-BENCH $r baseline $(ms "$t0" "$t1") - - - - - -"
     qmp "{\"execute\":\"device_del\",\"arguments\":{\"id\":\"base$r\"}}"
     sleep 3 # let the unplug finish before the VF is used again
