@@ -66,7 +66,8 @@ for r in $(seq "$ROUNDS"); do
         break
     fi
     echo "VFMAP-BENCH $r baseline $(ms "$t0" "$t1") - - - - - -"
-    qmp "{\"execute\":\"device_del\",\"arguments\":{\"id\":\"base$r\"}}"
-    sleep 3 # let the unplug finish before the VF is used again
+    # Unplug and wait for DEVICE_DELETED (the guest takes seconds to release the slot).
+    printf '{"execute":"qmp_capabilities"}\n{"execute":"device_del","arguments":{"id":"base%s"}}\n' "$r" |
+        socat -t 60 - "UNIX-CONNECT:$W/inner.qmp" | grep -q -m1 DEVICE_DELETED || check unplug-$r FAIL "no DEVICE_DELETED"
 done
 echo "VFMAP-RESULT $([ $failed = 0 ] && echo PASS || echo FAIL)"
