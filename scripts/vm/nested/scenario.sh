@@ -35,6 +35,15 @@ else
     check guest-drivers FAIL "$(guest_drivers | tr '\n' ' ')"
 fi
 
+devices=$(grep -a "^VFMAP-DEVICES" "$W/inner.console" | tail -2 | head -1 | tr -d '\r')
+if echo "$devices" | grep -q '"function":"storage"[^}]*"driver":"nvme"' &&
+    echo "$devices" | grep -q '"function":"crypto"[^}]*"driver":"pci-stub"' &&
+    echo "$devices" | grep -q '"function":"compress"[^}]*"driver":"uio_pci_generic"'; then
+    check devices-json ok "the agent's /run/vfmap/devices.json lists all three"
+else
+    check devices-json FAIL "$devices"
+fi
+
 step "vfmap detach inner 1 (crypto)"
 vfmap detach inner 1 && check detach ok "" || check detach FAIL ""
 if wait_guest 60 0000:01:00.0=nvme 0000:03:00.0=uio_pci_generic; then
@@ -44,6 +53,7 @@ else
 fi
 d=$(host_driver 0000:01:00.2); [ "$d" = vfio-pci ] && check detach-host ok "back on vfio-pci, reset" || check detach-host FAIL "driver '$d'"
 vfmap --json inventory | grep -q '"location":"0000:01:00.2"[^}]*"vm":null' && check detach-pool ok "free" || check detach-pool FAIL "not free"
+grep -q "VF reset vf=0000:01:00.2" "$W/daemon.log" && check detach-reset ok "reset through sysfs" || check detach-reset FAIL "no reset logged"
 
 step "kill -9 of the daemon in the middle of an attach, then restart"
 kill -9 "$DAEMON"; wait "$DAEMON" 2> /dev/null
