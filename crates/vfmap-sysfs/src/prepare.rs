@@ -295,7 +295,9 @@ impl Executor<'_> {
         }
     }
 
-    /// Some drivers probe asynchronously: poll the binding until `settle` runs out.
+    /// Some drivers probe asynchronously: poll the binding until `settle` runs out. If another
+    /// driver took the device meanwhile (the ID-matched driver's own asynchronous probe, racing
+    /// ours), unbind it and probe again: `driver_override` is set, so the wanted one wins.
     fn verify_bound(&self, step: &Step, vf: Bdf, driver: &DriverName) -> Result<(), PrepareError> {
         let deadline = Instant::now() + self.settle;
         loop {
@@ -310,6 +312,14 @@ impl Executor<'_> {
                     driver: driver.clone(),
                     found,
                 });
+            }
+            if let Some(other) = found {
+                let unbind = self.sysfs.driver_dir(&other).join("unbind");
+                // Best effort: the other driver may be gone already; the next poll tells.
+                let _ = self.writer.write(&unbind, &vf.to_string());
+                let _ = self
+                    .writer
+                    .write(&self.sysfs.drivers_probe(), &vf.to_string());
             }
             thread::sleep(Duration::from_millis(10));
         }

@@ -10,7 +10,7 @@ repo=$(sed -n 's/.*vfmap\.repo=\([^ ]*\).*/\1/p' /proc/cmdline)
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /host || { echo "VFMAP-FAIL mounting the host root over 9p"; exit 1; }
 for d in proc sys dev; do mount --bind /$d /host/$d; done
-mount -t tmpfs tmp /host/tmp
+# Writable state on a tmpfs under /run: not over /tmp, which may hold the repository itself.
 mount -t tmpfs run /host/run
 rounds=$(sed -n 's/.*vfmap\.rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
 chroot /host /bin/bash "$repo/scripts/vm/nested/${NESTED_SCRIPT:-scenario.sh}" "$repo" ${rounds:-5}

@@ -1,7 +1,8 @@
 # Shared by the nested scenario and the nested benchmark (sourced; runs in the outer guest,
 # under chroot of this machine's root). REPO must be set.
 set -u
-W=/tmp/vfmap
+W=/run/vfmap-nested
+export TMPDIR=$W
 mkdir -p "$W"
 VFMAP=$REPO/target/x86_64-unknown-linux-gnu/release/vfmap
 AGENT_INITRD=$REPO/.cache/vm/agent.cpio.gz
