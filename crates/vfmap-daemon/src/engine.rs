@@ -624,7 +624,7 @@ impl Engine {
             function: a.function.to_string(),
             global_index: a.global_index,
             reason: reason.clone(),
-            at: 0,
+            at: crate::store::now(),
         };
         let freed = self
             .commit(|s| {

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use vfmap_core::{AssignState, Assignment, Bdf, Change, FunctionName, GlobalIndex, VmName, VmSpec};
 
@@ -338,10 +338,11 @@ fn commit_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<(), StoreErr
     }
 }
 
-fn now() -> i64 {
+/// Seconds since the epoch, for failure records.
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> {
@@ -420,20 +421,6 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         }
     }
     Ok(())
-}
-
-/// The number of rows in `table` (for tests and health checks).
-pub fn count_rows(conn: &Connection, table: &str) -> Result<i64, StoreError> {
-    let sql = match table {
-        "vfs" => "SELECT COUNT(*) FROM vfs",
-        "vms" => "SELECT COUNT(*) FROM vms",
-        "assignments" => "SELECT COUNT(*) FROM assignments",
-        _ => "SELECT COUNT(*) FROM failures",
-    };
-    Ok(conn
-        .query_row(sql, [], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -171,24 +171,7 @@ fn text(v: &Value, key: &str) -> String {
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let all =
-        std::iter::once(header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()).chain(rows);
-    for row in all {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "  {}", line.join("  ").trim_end());
-    }
-    out
+    crate::render::table(header, rows)
 }
 
 fn correspondence(rows: &Value) -> String {

@@ -40,6 +40,17 @@ impl Table {
     }
 }
 
+/// Renders `rows` under `header` as an aligned table.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut table = Table::new(header);
+    for row in rows {
+        table.row(row);
+    }
+    let mut out = String::new();
+    table.render(&mut out);
+    out
+}
+
 fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
