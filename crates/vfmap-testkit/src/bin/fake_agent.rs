@@ -47,7 +47,10 @@ fn handle(options: &Options, stream: UnixStream) -> std::io::Result<()> {
                 .iter()
                 .map(|e| format!("{} {} {}\n", e.local_index, e.function, e.guest_driver))
                 .collect();
-            std::fs::write(path, text)?;
+            // Atomically, like the fake QEMU: a reader must never see a half-written file.
+            let tmp = format!("{path}.tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(tmp, path)?;
         }
         if options.hostile {
             let mut junk = vec![b'x'; MAX_LINE + 10];
