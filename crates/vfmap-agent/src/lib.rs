@@ -308,8 +308,7 @@ impl<'a> Agent<'a> {
                     )
                 }
                 Err(e) => {
-                    let mut reason = e.to_string();
-                    reason.truncate(vfmap_core::protocol::MAX_TEXT);
+                    let reason = vfmap_core::protocol::fit_text(&e.to_string());
                     (
                         Answer::Failed {
                             local_index: entry.local_index,

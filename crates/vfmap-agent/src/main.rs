@@ -3,54 +3,17 @@
 //! port then reads EOF) and reconnecting, and the port disappearing.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use vfmap_agent::{Agent, check_allowlist, find_port, load_config};
+use vfmap_core::lines::{Line, LineSplitter, read_line_sync};
 use vfmap_core::protocol::{
-    GuestMessage, HostMessage, MAX_LINE, VERSION, parse_host_message, to_line,
+    GuestMessage, HostMessage, MAX_LINE, VERSION, fit_text, parse_host_message, to_line,
 };
 use vfmap_sysfs::{FileWriter, Modprobe};
-
-enum Line {
-    Complete(Vec<u8>),
-    TooLong(usize),
-    Eof,
-}
-
-/// Reads one line of at most `max` bytes; longer lines are skipped to their newline.
-fn read_line(reader: &mut impl BufRead, max: usize) -> std::io::Result<Line> {
-    let (mut line, mut skipped) = (Vec::new(), 0usize);
-    loop {
-        let available = reader.fill_buf()?;
-        if available.is_empty() {
-            return Ok(if line.is_empty() && skipped == 0 {
-                Line::Eof
-            } else {
-                Line::TooLong(line.len() + skipped)
-            });
-        }
-        let newline = available.iter().position(|&b| b == b'\n');
-        let chunk = &available[..newline.unwrap_or(available.len())];
-        if skipped > 0 || line.len() + chunk.len() > max {
-            skipped += line.len() + chunk.len();
-            line.clear();
-        } else {
-            line.extend_from_slice(chunk);
-        }
-        let used = chunk.len() + usize::from(newline.is_some());
-        reader.consume(used);
-        if newline.is_some() {
-            return Ok(if skipped > 0 {
-                Line::TooLong(skipped)
-            } else {
-                Line::Complete(line)
-            });
-        }
-    }
-}
 
 fn send(port: &mut File, message: &GuestMessage) -> std::io::Result<()> {
     port.write_all(&to_line(message))
@@ -66,12 +29,15 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
         },
     )?;
     let mut reader = BufReader::new(port.try_clone()?);
+    let mut splitter = LineSplitter::new(MAX_LINE);
     loop {
-        match read_line(&mut reader, MAX_LINE)? {
+        match read_line_sync(&mut reader, &mut splitter)? {
             // The host side is not connected: keep the port open and wait.
             Line::Eof => std::thread::sleep(Duration::from_millis(200)),
             Line::TooLong(n) => {
-                let reason = format!("message of {n} bytes is over the {MAX_LINE}-byte limit");
+                let reason = fit_text(&format!(
+                    "message of {n} bytes is over the {MAX_LINE}-byte limit"
+                ));
                 send(&mut port, &GuestMessage::Error { v: VERSION, reason })?;
             }
             Line::Complete(bytes) => match parse_host_message(&bytes) {
@@ -104,7 +70,7 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
                     &mut port,
                     &GuestMessage::Error {
                         v: VERSION,
-                        reason: e.to_string(),
+                        reason: fit_text(&e.to_string()),
                     },
                 )?,
             },

@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod facts;
+pub mod lines;
 mod names;
 pub mod plan;
 pub mod pool;

@@ -208,10 +208,36 @@ fn check_len(line: &[u8]) -> Result<(), ProtocolError> {
     }
 }
 
+/// Longest parser message kept in an error: serde's messages quote the peer's text.
+const MAX_ERROR_TEXT: usize = 200;
+
 fn shorten(e: serde_json::Error) -> ProtocolError {
-    let mut text = e.to_string();
-    text.truncate(200);
-    ProtocolError::Malformed(text)
+    ProtocolError::Malformed(truncate_chars(&e.to_string(), MAX_ERROR_TEXT))
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary (a byte cut can split a
+/// multi-byte character, and `String::truncate` panics there).
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Free text made fit for a guest→host message: control characters become spaces and the
+/// text is cut to [`MAX_TEXT`] bytes at a character boundary, so the host accepts it.
+pub fn fit_text(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    truncate_chars(&clean, MAX_TEXT)
+}
+
+/// Whether free text from a guest is within [`MAX_TEXT`] and free of control characters.
+fn fits(text: &str) -> bool {
+    text.len() <= MAX_TEXT && !text.chars().any(char::is_control)
 }
 
 /// Parses and validates a guest→host line (without its newline).
@@ -223,7 +249,7 @@ pub fn parse_guest_message(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
             if *v != VERSION {
                 return Err(ProtocolError::Version(*v));
             }
-            if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
+            if !fits(text) {
                 return Err(ProtocolError::Invalid(
                     "text too long or has control characters".into(),
                 ));
@@ -247,9 +273,11 @@ pub fn parse_guest_message(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
                     )));
                 }
                 if let Answer::Failed { reason, .. } = answer
-                    && reason.len() > MAX_TEXT
+                    && !fits(reason)
                 {
-                    return Err(ProtocolError::Invalid("reason too long".into()));
+                    return Err(ProtocolError::Invalid(
+                        "reason too long or has control characters".into(),
+                    ));
                 }
             }
         }
@@ -354,7 +382,96 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_non_ascii_names_in_errors_do_not_panic() {
+        // serde quotes the unknown name in its message; a multi-byte character straddling the
+        // cut used to panic the link task (and the agent, which shares the parser).
+        for pad in 0..4 {
+            let name = format!("{}{}", "a".repeat(pad), "é€😀".repeat(60));
+            let guest = format!(r#"{{"type":"{name}","v":1}}"#);
+            let err = parse_guest_message(guest.as_bytes()).unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+            let host = format!(r#"{{"type":"apply","v":1,"id":1,"entries":[],"{name}":1}}"#);
+            let err = parse_host_message(host.as_bytes()).unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+            assert!(err.to_string().len() <= MAX_ERROR_TEXT + 32);
+        }
+    }
+
+    #[test]
+    fn fitted_text_is_accepted_by_the_host() {
+        let text = format!("bad\n\u{7}{}", "😀".repeat(400));
+        let reason = fit_text(&text);
+        assert!(reason.len() <= MAX_TEXT && !reason.chars().any(char::is_control));
+        let line = to_line(&GuestMessage::Error { v: VERSION, reason });
+        assert!(parse_guest_message(&line[..line.len() - 1]).is_ok());
+    }
+
+    /// Every string position of every message, for both directions.
+    fn templates(q: &str) -> (Vec<String>, Vec<String>) {
+        let guest = vec![
+            format!(r#"{{"type":{q},"v":1,"agent":"a"}}"#),
+            format!(r#"{{"type":"hello","v":1,"agent":{q}}}"#),
+            format!(r#"{{"type":"error","v":1,"reason":{q}}}"#),
+            format!(r#"{{"type":"hello","v":1,"agent":"a",{q}:1}}"#),
+            format!(
+                r#"{{"type":"result","v":1,"id":1,"entries":[{{"state":{q},"local_index":0}}]}}"#
+            ),
+            format!(
+                r#"{{"type":"result","v":1,"id":1,"entries":[{{"state":"bound","local_index":0,"driver":{q},"guest_bdf":"0000:01:00.0"}}]}}"#
+            ),
+            format!(
+                r#"{{"type":"result","v":1,"id":1,"entries":[{{"state":"bound","local_index":0,"driver":"nvme","guest_bdf":{q}}}]}}"#
+            ),
+            format!(
+                r#"{{"type":"result","v":1,"id":1,"entries":[{{"state":"failed","local_index":0,"reason":{q}}}]}}"#
+            ),
+            format!(
+                r#"{{"type":"result","v":1,"id":1,"entries":[{{"state":"failed","local_index":0,"reason":"r",{q}:2}}]}}"#
+            ),
+        ];
+        let entry = |field: &str, value: &str| {
+            let mut e = serde_json::json!({"local_index": 0, "function": "crypto",
+                "guest_driver": "nvme", "path": "03.0/00.0", "vendor": "0x1b36"});
+            e[field] = serde_json::from_str(value).unwrap_or_default();
+            format!(r#"{{"type":"apply","v":1,"id":1,"entries":[{e}]}}"#)
+        };
+        let host = vec![
+            format!(r#"{{"type":{q},"v":1,"id":1,"entries":[]}}"#),
+            format!(r#"{{"type":"apply","v":1,"id":1,"entries":[],{q}:0}}"#),
+            entry("function", q),
+            entry("guest_driver", q),
+            entry("path", q),
+            entry("vendor", q),
+            entry("device", q),
+        ];
+        (guest, host)
+    }
+
     proptest! {
+        /// Arbitrary Unicode (control characters included) in every JSON string position:
+        /// never a panic, and whatever is accepted is within bounds and round-trips.
+        #[test]
+        fn arbitrary_unicode_in_every_string_position(text in "(?s).{0,300}") {
+            let q = serde_json::to_string(&text).unwrap();
+            let (guest, host) = templates(&q);
+            for line in guest {
+                if let Ok(message) = parse_guest_message(line.as_bytes()) {
+                    if let GuestMessage::Hello { agent: t, .. } | GuestMessage::Error { reason: t, .. } = &message {
+                        prop_assert!(t.len() <= MAX_TEXT && !t.chars().any(char::is_control));
+                    }
+                    let again = to_line(&message);
+                    prop_assert_eq!(parse_guest_message(&again[..again.len() - 1]), Ok(message));
+                }
+            }
+            for line in host {
+                if let Ok(message) = parse_host_message(line.as_bytes()) {
+                    let again = to_line(&message);
+                    prop_assert_eq!(parse_host_message(&again[..again.len() - 1]), Ok(message));
+                }
+            }
+        }
+
         /// Random bytes, and random cuts of a valid line, never panic the parser.
         #[test]
         fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048), cut in 0usize..200) {

@@ -13,5 +13,6 @@ pub mod effects;
 pub mod engine;
 pub mod lines;
 pub mod qmp;
+pub mod resync;
 pub mod serve;
 pub mod store;

@@ -1,54 +1,40 @@
-//! Reading newline-delimited messages with a size bound, from peers that may misbehave.
+//! Reading newline-delimited messages with a size bound from an async peer; the splitting
+//! itself is [`vfmap_core::lines`], shared with the agent.
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+pub use vfmap_core::lines::Line;
+use vfmap_core::lines::LineSplitter;
 
-/// One line read with [`read_line`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    /// A complete line, without its newline.
-    Complete(Vec<u8>),
-    /// A line longer than the limit; its bytes were skipped up to the next newline.
-    TooLong(usize),
-    /// The peer closed the stream.
-    Eof,
+/// A bounded line reader. Cancel-safe: the partial line lives in the reader, so dropping
+/// [`LineReader::next_line`]'s future (e.g. in a `select!`) loses no bytes.
+#[derive(Debug)]
+pub struct LineReader<R> {
+    reader: R,
+    splitter: LineSplitter,
 }
 
-/// Reads one line of at most `max` bytes. A longer line is consumed and reported, never held
-/// in memory whole: a peer cannot make us buffer more than `max` bytes.
-pub async fn read_line<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    max: usize,
-) -> std::io::Result<Line> {
-    let mut line = Vec::new();
-    let mut skipped = 0usize;
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            // EOF: a partial line at the end is dropped like a bad line.
-            return Ok(if line.is_empty() && skipped == 0 {
-                Line::Eof
-            } else {
-                Line::TooLong(line.len() + skipped)
-            });
+impl<R: AsyncBufRead + Unpin> LineReader<R> {
+    /// Lines of at most `max` bytes from `reader`.
+    pub fn new(reader: R, max: usize) -> LineReader<R> {
+        LineReader {
+            reader,
+            splitter: LineSplitter::new(max),
         }
-        let (chunk, found_newline) = match available.iter().position(|&b| b == b'\n') {
-            Some(i) => (&available[..i], true),
-            None => (available, false),
-        };
-        let used = chunk.len() + usize::from(found_newline);
-        if skipped > 0 || line.len() + chunk.len() > max {
-            skipped += line.len() + chunk.len();
-            line.clear();
-        } else {
-            line.extend_from_slice(chunk);
-        }
-        reader.consume(used);
-        if found_newline {
-            return Ok(if skipped > 0 {
-                Line::TooLong(skipped)
-            } else {
-                Line::Complete(line)
-            });
+    }
+
+    /// The next line; over-long lines are consumed and reported, never held whole.
+    pub async fn next_line(&mut self) -> std::io::Result<Line> {
+        loop {
+            // The only await: after it, everything up to the return is synchronous.
+            let available = self.reader.fill_buf().await?;
+            if available.is_empty() {
+                return Ok(self.splitter.finish());
+            }
+            let (used, line) = self.splitter.feed(available);
+            self.reader.consume(used);
+            if let Some(line) = line {
+                return Ok(line);
+            }
         }
     }
 }
@@ -56,24 +42,40 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn bounded_lines() {
         let input = format!("ok\n{}\nnext\npartial", "x".repeat(100));
-        let mut reader = tokio::io::BufReader::with_capacity(16, input.as_bytes());
+        let reader = tokio::io::BufReader::with_capacity(16, input.as_bytes());
+        let mut lines = LineReader::new(reader, 10);
         assert_eq!(
-            read_line(&mut reader, 10).await.unwrap(),
+            lines.next_line().await.unwrap(),
             Line::Complete(b"ok".to_vec())
         );
+        assert_eq!(lines.next_line().await.unwrap(), Line::TooLong(100));
         assert_eq!(
-            read_line(&mut reader, 10).await.unwrap(),
-            Line::TooLong(100)
-        );
-        assert_eq!(
-            read_line(&mut reader, 10).await.unwrap(),
+            lines.next_line().await.unwrap(),
             Line::Complete(b"next".to_vec())
         );
-        assert_eq!(read_line(&mut reader, 10).await.unwrap(), Line::TooLong(7));
-        assert_eq!(read_line(&mut reader, 10).await.unwrap(), Line::Eof);
+        assert_eq!(lines.next_line().await.unwrap(), Line::TooLong(7));
+        assert_eq!(lines.next_line().await.unwrap(), Line::Eof);
+    }
+
+    /// A read interrupted mid-line (another `select!` branch won) keeps the bytes it had.
+    #[tokio::test]
+    async fn an_interrupted_read_loses_nothing() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut lines = LineReader::new(tokio::io::BufReader::new(server), 100);
+        let (_, mut write) = tokio::io::split(client);
+        write.write_all(b"{\"half\":").await.unwrap();
+        let cut = tokio::time::timeout(Duration::from_millis(50), lines.next_line()).await;
+        assert!(cut.is_err(), "no line yet");
+        write.write_all(b"1}\n").await.unwrap();
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            Line::Complete(b"{\"half\":1}".to_vec())
+        );
     }
 }

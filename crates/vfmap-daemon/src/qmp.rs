@@ -17,7 +17,7 @@ use vfmap_core::protocol::GuestPath;
 use vfmap_core::{Bdf, SlotId, VmSpec};
 
 use crate::effects::{BoxFuture, Hypervisor, HypervisorError};
-use crate::lines::{Line, read_line};
+use crate::lines::{Line, LineReader};
 
 /// QMP answers (query-pci on a large VM) stay well under this.
 const MAX_QMP_LINE: usize = 8 * 1024 * 1024;
@@ -95,7 +95,7 @@ pub struct Qmp {
 }
 
 struct Session {
-    reader: BufReader<OwnedReadHalf>,
+    reader: LineReader<BufReader<OwnedReadHalf>>,
     writer: OwnedWriteHalf,
     events: Vec<Value>,
     deadline: Instant,
@@ -125,7 +125,7 @@ impl Session {
             })?;
         let (read, writer) = stream.into_split();
         let mut session = Session {
-            reader: BufReader::new(read),
+            reader: LineReader::new(BufReader::new(read), MAX_QMP_LINE),
             writer,
             events: Vec::new(),
             deadline,
@@ -142,7 +142,7 @@ impl Session {
     }
 
     async fn next_message(&mut self) -> Result<Value, HypervisorError> {
-        let line = timeout_at(self.deadline, read_line(&mut self.reader, MAX_QMP_LINE))
+        let line = timeout_at(self.deadline, self.reader.next_line())
             .await
             .map_err(|_| HypervisorError::Timeout(self.timeout))?
             .map_err(|e| HypervisorError::Protocol(e.to_string()))?;

@@ -15,6 +15,7 @@ use crate::channel::AgentChannel;
 use crate::effects::SysfsHost;
 use crate::engine::{Adapters, Engine, EngineError};
 use crate::qmp::{DeviceTemplate, Qmp};
+use crate::resync::Resyncs;
 use crate::store::{Store, StoreError};
 
 /// The daemon's configuration file (TOML); every field is documented in README.md.
@@ -59,6 +60,9 @@ fn default_qmp_timeout() -> u64 {
 fn default_settle() -> u64 {
     5_000
 }
+
+/// The least time between two re-sends of one VM's correspondence.
+const RESYNC_SPACING: Duration = Duration::from_millis(500);
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -187,24 +191,30 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             path: "device_template".into(),
             message,
         })?;
-    let (resync_tx, mut resync_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let resyncs = Resyncs::default();
     let adapters = Adapters {
         hypervisor: Arc::new(Qmp::new(
             template,
             Duration::from_millis(config.qmp_timeout_ms),
         )),
-        channel: Arc::new(AgentChannel::new(resync_tx)),
+        channel: Arc::new(AgentChannel::new(resyncs.clone())),
         host: Arc::new(SysfsHost { sysfs, settle }),
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),
     };
     let engine = Arc::new(Engine::new(tables, store, loaded, adapters).await?);
     engine.recover().await?;
-    // An agent that (re)connects gets its VM's whole correspondence again.
+    // An agent that (re)connects gets its VM's whole correspondence again: one re-send per
+    // VM at a time, at most one waiting, and none sooner than RESYNC_SPACING after the last.
     let resyncer = engine.clone();
     tokio::spawn(async move {
-        while let Some(vm) = resync_rx.recv().await {
-            let engine = resyncer.clone();
-            tokio::spawn(async move { engine.resync(&vm).await });
+        loop {
+            let vm = resyncs.next().await;
+            let (engine, resyncs) = (resyncer.clone(), resyncs.clone());
+            tokio::spawn(async move {
+                engine.resync(&vm).await;
+                tokio::time::sleep(RESYNC_SPACING).await;
+                resyncs.done(&vm);
+            });
         }
     });
 
