@@ -12,6 +12,7 @@ pub mod channel;
 pub mod effects;
 pub mod engine;
 pub mod lines;
+pub mod paths;
 pub mod qmp;
 pub mod resync;
 pub mod serve;

@@ -1,7 +1,6 @@
 //! `vfmap serve`: configuration, start-up (inventory, prepare, state, recovery) and the API
 //! socket.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use vfmap_sysfs::{FileWriter, Modprobe, Sysfs};
 use crate::channel::AgentChannel;
 use crate::effects::SysfsHost;
 use crate::engine::{Adapters, Engine, EngineError};
+use crate::paths::{PathError, bind_socket, lock_state_dir};
 use crate::qmp::{DeviceTemplate, Qmp};
 use crate::resync::Resyncs;
 use crate::store::{Store, StoreError};
@@ -87,6 +87,9 @@ pub enum ServeError {
     /// Start-up recovery failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The state directory or socket path is unsafe, taken or locked.
+    #[error(transparent)]
+    Paths(#[from] PathError),
     /// The socket or state directory cannot be set up.
     #[error("cannot set up {}", path.display())]
     Setup {
@@ -156,6 +159,9 @@ fn setup(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
 
 /// Starts the daemon and serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    // One daemon per state directory, checked before anything is read or changed: a second
+    // daemon would otherwise prepare and recover under the first one's feet.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let profiles = load_profiles(&config.profiles)?;
     let sysfs = Sysfs::new(&config.sysfs_root).with_threads(1);
     let settle = Duration::from_millis(config.settle_ms);
@@ -180,9 +186,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(device = %problem.device, attribute = %problem.attribute, "{}", problem.message);
     }
 
-    std::fs::create_dir_all(&config.state_dir).map_err(setup(&config.state_dir))?;
-    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(setup(&config.state_dir))?;
     let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
     let (store, loaded) = Store::open(&config.state_dir.join("state.db"), &locations)?;
 
@@ -218,38 +221,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     });
 
-    let listener = bind_socket(&config.socket)?;
-    info!(socket = %config.socket.display(), "API listening");
+    let (listener, socket) = bind_socket(&config.socket)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(setup(&config.socket))?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(setup(&config.socket))?;
+    info!(socket = %socket.path().display(), "API listening");
     let app = crate::api::router(engine);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(setup(&config.socket))?;
-    let _ = std::fs::remove_file(&config.socket);
+    drop(socket);
     info!("stopped");
     Ok(())
-}
-
-/// Binds the API socket, replacing a stale one (a socket file nobody listens on), mode 0600.
-fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(setup(parent))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServeError::Setup {
-                path: path.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another daemon is listening on it",
-                ),
-            });
-        }
-        std::fs::remove_file(path).map_err(setup(path))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(setup(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup(path))?;
-    Ok(listener)
 }
 
 async fn shutdown_signal() {

@@ -21,6 +21,18 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The socket's server runs as another user: it could be anyone's impostor.
+    #[error(
+        "refusing to talk to {path}: the process listening there runs as uid {uid}, not root or you (uid {me}); check the socket path"
+    )]
+    Impostor {
+        /// The socket.
+        path: String,
+        /// The server's user.
+        uid: u32,
+        /// Ours.
+        me: u32,
+    },
     /// The HTTP exchange failed.
     #[error("talking to the daemon failed: {0}")]
     Http(String),
@@ -43,6 +55,23 @@ pub async fn call(
                 path: socket.display().to_string(),
                 reason: e.to_string(),
             })?;
+    // Only a daemon run by root or by this user may be trusted with the request (and its
+    // answer): on a shared host anyone could listen on a path we were pointed at.
+    let me = vfmap_daemon::paths::euid();
+    let uid = stream
+        .peer_cred()
+        .map_err(|e| ClientError::Connect {
+            path: socket.display().to_string(),
+            reason: format!("cannot tell who listens there: {e}"),
+        })?
+        .uid();
+    if uid != 0 && uid != me {
+        return Err(ClientError::Impostor {
+            path: socket.display().to_string(),
+            uid,
+            me,
+        });
+    }
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;

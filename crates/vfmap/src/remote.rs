@@ -135,6 +135,7 @@ pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Fail
         .block_on(call(socket, method, &path, body.as_ref()))
         .map_err(|e| match e {
             ClientError::Connect { .. } => Failure::new(exit::FAILED, "unreachable", e),
+            ClientError::Impostor { .. } => Failure::new(exit::FAILED, "untrusted_daemon", e),
             other => Failure::new(exit::FAILED, "http", other),
         })?;
     if !status.is_success() {
