@@ -16,6 +16,33 @@ pub struct Problem {
     pub attribute: String,
     /// What is wrong.
     pub message: String,
+    /// The attribute exists but this process may not read it (EACCES/EPERM): vfmap is not
+    /// running as root, or a captured tree kept its owner-only modes. Not in the JSON (the
+    /// message says it); callers use it to say "run as root" once instead of N times.
+    #[serde(skip)]
+    pub permission_denied: bool,
+}
+
+impl Problem {
+    /// A problem with `attribute` of `device`.
+    pub fn new(
+        device: impl Into<String>,
+        attribute: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            device: device.into(),
+            attribute: attribute.into(),
+            message: message.into(),
+            permission_denied: false,
+        }
+    }
+
+    /// The same problem, marked as a permission refusal.
+    pub fn denied(mut self) -> Problem {
+        self.permission_denied = true;
+        self
+    }
 }
 
 /// An SR-IOV capable physical function and the VFs it has enabled.
@@ -35,7 +62,8 @@ pub struct PfFacts {
     pub total_vfs: Option<u16>,
     /// `sriov_numvfs`.
     pub num_vfs: Option<u16>,
-    /// `sriov_vf_device`: the device ID every VF reports.
+    /// The device ID every VF reports: `sriov_vf_device`, or, on kernels before 4.15 that lack
+    /// that attribute, the VFs' own `device` (they all share one ID).
     pub vf_device: Option<PciId>,
     /// `sriov_drivers_autoprobe`.
     pub drivers_autoprobe: Option<bool>,

@@ -33,7 +33,7 @@ pub struct VfEntry {
     pub vf_index: u16,
     /// Vendor ID (the PF's).
     pub vendor: Option<PciId>,
-    /// Device ID (the PF's `sriov_vf_device`).
+    /// Device ID (the PF's `sriov_vf_device`, or the VF's own `device` on kernels before 4.15).
     pub device: Option<PciId>,
     /// NUMA node, `None` when the host has no affinity information.
     pub numa_node: Option<i32>,
@@ -119,14 +119,14 @@ impl Tables {
             if let (Some(card), Some(total)) = (card, pf.total_vfs)
                 && card.num_vfs > total
             {
-                problems.push(Problem {
-                    device: pf.location.to_string(),
-                    attribute: "num_vfs".into(),
-                    message: format!(
+                problems.push(Problem::new(
+                    pf.location.to_string(),
+                    "num_vfs",
+                    format!(
                         "{}: card {:?}, field `num_vfs`: {} is larger than this PF's sriov_totalvfs = {}",
                         card.source, card.name, card.num_vfs, total
                     ),
-                });
+                ));
             }
             let card_name: Option<Arc<str>> = card.map(|c| Arc::from(c.name.as_str()));
             pfs.push(PfEntry {
@@ -162,6 +162,8 @@ impl Tables {
                 });
             }
         }
+
+        problems.extend(pinned_card_problems(&pfs, profiles));
 
         let functions = profiles
             .functions()
@@ -202,6 +204,51 @@ impl Tables {
             .filter(move |v| v.function.as_ref().is_some_and(|f| f.as_str() == function))
             .map(|v| v.global_index)
     }
+}
+
+/// A card pinned with `pf = "..."` covers nothing when that PF is not there or has other IDs:
+/// say so, naming the card and what to fix (a PF whose IDs are unreadable has its own problems).
+fn pinned_card_problems(pfs: &[PfEntry], profiles: &Profiles) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for card in &profiles.cards {
+        let Some(location) = card.pf else { continue };
+        let problem = |message: String| {
+            Problem::new(
+                location.to_string(),
+                "pf",
+                format!(
+                    "{}: card {:?}, field `pf`: {message}",
+                    card.source, card.name
+                ),
+            )
+        };
+        match pfs.iter().find(|pf| pf.location == location) {
+            None => {
+                let present: Vec<String> = pfs.iter().map(|pf| pf.location.to_string()).collect();
+                let present = if present.is_empty() {
+                    "there is none here".to_owned()
+                } else {
+                    format!("those here: {}", present.join(", "))
+                };
+                problems.push(problem(format!(
+                    "there is no SR-IOV capable PF at {location} ({present}); \
+                     fix `pf` to the PF's address or remove the card"
+                )));
+            }
+            Some(pf) => {
+                if let (Some(vendor), Some(device)) = (pf.vendor, pf.device)
+                    && (vendor, device) != (card.vendor, card.device)
+                {
+                    problems.push(problem(format!(
+                        "the PF at {location} is {:04x}:{:04x}, not the card's {:04x}:{:04x}, so \
+                         the card covers nothing; fix the card's `vendor`/`device` or its `pf`",
+                        vendor.0, device.0, card.vendor.0, card.device.0
+                    )));
+                }
+            }
+        }
+    }
+    problems
 }
 
 #[cfg(test)]
@@ -312,5 +359,60 @@ guest_driver = "igbvf"
             t.problems
         );
         assert!(t.functions.iter().all(|f| f.total == 0));
+    }
+
+    #[test]
+    fn a_card_pinned_to_an_absent_or_other_pf_is_a_problem_naming_the_card_and_the_fix() {
+        let mut other = pf("0000:05:00.0", 2, 2);
+        other.device = Some(PciId(0x9999));
+        let facts = HostFacts {
+            pfs: vec![pf("0000:01:00.0", 0, 8), other],
+            problems: vec![],
+        };
+        let pinned = |name: &str, at: &str| {
+            format!(
+                "[[card]]\nname = \"{name}\"\nvendor = \"0x1b36\"\ndevice = \"0x0010\"\n\
+                 pf = \"{at}\"\nnum_vfs = 1\n"
+            )
+        };
+        let text = [
+            pinned("here", "0000:01:00.0"),
+            pinned("gone", "0000:3b:00.0"),
+            pinned("other-ids", "0000:05:00.0"),
+        ]
+        .concat();
+        let profiles = Profiles::parse(&text, "p.toml").unwrap();
+        let t = Tables::build(&facts, &profiles);
+        let found: Vec<(&str, &str, &str)> = t
+            .problems
+            .iter()
+            .map(|p| (p.device.as_str(), p.attribute.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].0, "0000:3b:00.0");
+        assert_eq!(found[0].1, "pf");
+        assert_eq!(
+            found[0].2,
+            "p.toml: card \"gone\", field `pf`: there is no SR-IOV capable PF at 0000:3b:00.0 \
+             (those here: 0000:01:00.0, 0000:05:00.0); fix `pf` to the PF's address or remove \
+             the card"
+        );
+        assert_eq!(found[1].0, "0000:05:00.0");
+        assert_eq!(
+            found[1].2,
+            "p.toml: card \"other-ids\", field `pf`: the PF at 0000:05:00.0 is 1b36:9999, not \
+             the card's 1b36:0010, so the card covers nothing; fix the card's `vendor`/`device` \
+             or its `pf`"
+        );
+        assert_eq!(t.pfs[0].card.as_deref(), Some("here"));
+        assert_eq!(t.pfs[1].card, None);
+
+        // No PF at all: the message says so instead of listing nothing.
+        let t = Tables::build(&HostFacts::default(), &profiles);
+        assert!(
+            t.problems[0].message.contains("(there is none here)"),
+            "{:?}",
+            t.problems
+        );
     }
 }

@@ -94,11 +94,7 @@ impl Sysfs {
             let text = match read_attr_at(&devices_fd, &attribute) {
                 Ok(text) => text?,
                 Err(e) => {
-                    problems.push(problem(
-                        &name,
-                        "sriov_totalvfs",
-                        format!("cannot read: {e}"),
-                    ));
+                    problems.push(io_problem(&name, "sriov_totalvfs", "cannot read", e));
                     return None;
                 }
             };
@@ -143,10 +139,11 @@ impl Sysfs {
                         Some(read_pf(&devices_fd, *location, *total_vfs, reader))
                     }
                     Err(e) => {
-                        problems.push(problem(
+                        problems.push(io_problem(
                             &name,
                             ".",
-                            format!("cannot open the device directory: {e}"),
+                            "cannot open the device directory",
+                            e,
                         ));
                         None
                     }
@@ -218,7 +215,8 @@ fn read_pf(
     let numa_node = reader.numa_node();
     let driver = reader.link_name("driver");
     let num_vfs = reader.attr::<u16>("sriov_numvfs");
-    let vf_device = reader.attr::<PciId>("sriov_vf_device");
+    // Kernels before 4.15 have no `sriov_vf_device`: then the VFs' own `device` says it.
+    let mut vf_device = reader.optional_attr::<PciId>("sriov_vf_device");
     let drivers_autoprobe = reader.attr::<u8>("sriov_drivers_autoprobe").map(|v| v != 0);
 
     let mut links = Vec::new();
@@ -234,11 +232,12 @@ fn read_pf(
                 }
             }
         }
-        Err(e) => reader.problem(".", format!("cannot list the PF's directory: {e}")),
+        Err(e) => reader.io_problem(".", "cannot list the PF's directory", e),
     }
     links.sort_unstable();
 
     let mut vfs = Vec::with_capacity(links.len());
+    let mut own_ids: Vec<(PciId, Bdf)> = Vec::new();
     for index in links {
         let link = format!("virtfn{index}");
         let Some(name) = reader.link_name(&link) else {
@@ -254,14 +253,25 @@ fn read_pf(
         let vf_dir = match open_dir(devices, name.as_str()) {
             Ok(fd) => fd,
             Err(e) => {
-                reader.problem(
+                reader.io_problem(
                     &link,
-                    format!("points to {name}, whose directory cannot be opened: {e}"),
+                    &format!("points to {name}, whose directory cannot be opened"),
+                    e,
                 );
                 continue;
             }
         };
         let mut vf_reader = DeviceReader::new(vf_dir, &name, reader.problems);
+        if vf_device.is_none() {
+            let own = vf_reader
+                .text_or("device", || {
+                    "missing, and its PF has no readable sriov_vf_device: the VF's device ID \
+                     is unknown"
+                        .to_owned()
+                })
+                .and_then(|text| vf_reader.parse::<PciId>("device", text));
+            own_ids.extend(own.map(|id| (id, vf_location)));
+        }
         vfs.push(VfFacts {
             location: vf_location,
             vf_index: index,
@@ -275,6 +285,20 @@ fn read_pf(
             driver: vf_reader.link_name("driver"),
             driver_override: vf_reader.driver_override(),
         });
+    }
+    if vf_device.is_none() {
+        vf_device = own_ids.first().map(|(id, _)| *id);
+        if let Some((other, at)) = own_ids.iter().find(|(id, _)| Some(*id) != vf_device) {
+            let (first, first_at) = own_ids[0];
+            reader.problem(
+                "sriov_vf_device",
+                format!(
+                    "absent or unreadable, and the VFs' own device IDs differ ({first_at} says \
+                     {first}, {at} says {other}): the VFs' device ID is unknown"
+                ),
+            );
+            vf_device = None;
+        }
     }
     if let Some(n) = num_vfs
         && usize::from(n) != vfs.len()
@@ -310,11 +334,36 @@ struct DeviceReader<'a> {
 }
 
 fn problem(device: &str, attribute: &str, message: String) -> Problem {
-    Problem {
-        device: device.to_owned(),
-        attribute: attribute.to_owned(),
-        message,
+    Problem::new(device, attribute, message)
+}
+
+/// A failed read or open: `what` and the OS's reason, marked when it is a permission refusal.
+fn io_problem(device: &str, attribute: &str, what: &str, error: io::Error) -> Problem {
+    let problem = problem(device, attribute, format!("{what}: {error}"));
+    if error.kind() == io::ErrorKind::PermissionDenied {
+        problem.denied()
+    } else {
+        problem
     }
+}
+
+/// What an absent attribute that vfmap needs costs, and which kernels lack it.
+fn missing_message(attribute: &str) -> String {
+    let why = match attribute {
+        "vendor" | "device" => "the device's ID is unknown, so no card can match it",
+        "numa_node" => {
+            "the NUMA node is unknown (a kernel built without CONFIG_NUMA has no numa_node)"
+        }
+        "sriov_numvfs" => "how many VFs are enabled is unknown",
+        "sriov_drivers_autoprobe" => {
+            "`vfmap prepare` cannot keep host drivers off new VFs (kernels before 4.12 lack it)"
+        }
+        "driver_override" => {
+            "`vfmap prepare` cannot bind this VF to its host driver (kernels before 3.16 lack it)"
+        }
+        _ => return "missing".to_owned(),
+    };
+    format!("missing: {why}")
 }
 
 impl<'a> DeviceReader<'a> {
@@ -330,24 +379,61 @@ impl<'a> DeviceReader<'a> {
         self.problems.push(problem(self.name, attribute, message));
     }
 
-    /// The attribute's trimmed text; `None` (silently) when it does not exist.
-    fn text(&mut self, attribute: &str) -> Option<String> {
+    fn io_problem(&mut self, attribute: &str, what: &str, error: io::Error) {
+        self.problems
+            .push(io_problem(self.name, attribute, what, error));
+    }
+
+    /// The attribute's trimmed text; `None` (silently) when it does not exist, `None` plus a
+    /// problem when it cannot be read.
+    fn optional_text(&mut self, attribute: &str) -> Option<String> {
         match read_attr_at(&self.dir, attribute) {
             Ok(text) => text,
             Err(e) => {
-                self.problem(attribute, format!("cannot read: {e}"));
+                self.io_problem(attribute, "cannot read", e);
                 None
             }
         }
     }
 
-    /// A parsed attribute; a missing one is `None`, a malformed one `None` plus a problem.
-    fn attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
-        let text = self.text(attribute)?;
+    /// An attribute vfmap needs: `None` plus a problem when it is missing or unreadable.
+    fn text(&mut self, attribute: &str) -> Option<String> {
+        self.text_or(attribute, || missing_message(attribute))
+    }
+
+    /// Like [`DeviceReader::text`], with `missing` saying what its absence costs.
+    fn text_or(&mut self, attribute: &str, missing: impl FnOnce() -> String) -> Option<String> {
+        match read_attr_at(&self.dir, attribute) {
+            Ok(Some(text)) => Some(text),
+            Ok(None) => {
+                self.problem(attribute, missing());
+                None
+            }
+            Err(e) => {
+                self.io_problem(attribute, "cannot read", e);
+                None
+            }
+        }
+    }
+
+    fn parse<T: FromStr>(&mut self, attribute: &str, text: String) -> Option<T> {
         text.parse().ok().or_else(|| {
             self.problem(attribute, format!("malformed value {text:?}"));
             None
         })
+    }
+
+    /// A parsed attribute vfmap needs: `None` plus a problem when missing, unreadable or
+    /// malformed.
+    fn attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
+        let text = self.text(attribute)?;
+        self.parse(attribute, text)
+    }
+
+    /// A parsed attribute some kernels lack: a missing one is `None` without a problem.
+    fn optional_attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
+        let text = self.optional_text(attribute)?;
+        self.parse(attribute, text)
     }
 
     fn numa_node(&mut self) -> Option<i32> {
@@ -364,7 +450,7 @@ impl<'a> DeviceReader<'a> {
         match read_link_name_at(&self.dir, link) {
             Ok(name) => name,
             Err(e) => {
-                self.problem(link, format!("cannot read the link: {e}"));
+                self.io_problem(link, "cannot read the link", e);
                 None
             }
         }

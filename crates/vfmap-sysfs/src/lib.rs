@@ -20,7 +20,7 @@ pub use prepare::{
 #[derive(Debug, thiserror::Error)]
 pub enum SysfsError {
     /// `<root>/bus/pci/devices` cannot be listed.
-    #[error("cannot list PCI devices in {}: is the sysfs root right? (expected <root>/bus/pci/devices)", path.display())]
+    #[error("cannot list PCI devices in {}: {}", path.display(), list_hint(source))]
     ListDevices {
         /// The directory.
         path: PathBuf,
@@ -28,4 +28,13 @@ pub enum SysfsError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What to do about an unlistable `bus/pci/devices`: the OS's reason follows as the source.
+fn list_hint(error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied {
+        "run vfmap as root (or make the tree readable to this user)"
+    } else {
+        "is the sysfs root right? (expected <root>/bus/pci/devices)"
+    }
 }

@@ -103,7 +103,11 @@ fn malformed_and_missing_attributes_are_problems_of_that_device() {
     let facts = Sysfs::new(dir.path()).discover().unwrap();
     let broken = &facts.pfs[0];
     assert_eq!(broken.vendor, None);
-    assert_eq!(broken.vf_device, None);
+    assert_eq!(
+        broken.vf_device,
+        Some(PciId(0x0010)),
+        "without sriov_vf_device, the VFs' own device ID"
+    );
     assert_eq!(broken.vfs[1].numa_node, None);
     assert_eq!(broken.vfs[1].iommu_group, None);
     let attrs: Vec<(&str, &str)> = facts
@@ -184,4 +188,184 @@ fn golden_real_kernel_tree() {
         ]
     );
     assert!(pf.vfs.iter().all(|v| v.iommu_group.is_some()));
+}
+
+/// (device, attribute, message) of every problem, for asserting on.
+fn problems(facts: &vfmap_core::HostFacts) -> Vec<(String, String, String)> {
+    facts
+        .problems
+        .iter()
+        .map(|p| (p.device.clone(), p.attribute.clone(), p.message.clone()))
+        .collect()
+}
+
+#[test]
+fn before_4_15_a_pf_without_sriov_vf_device_takes_its_vfs_own_device_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    let mut spec = PfSpec::nvme("0000:3b:00.0", 8).with_vfs(3).before_4_15();
+    spec.vf_device = PciId(0x0011);
+    let pf_dir = tree.add_pf(&spec);
+    for absent in ["sriov_vf_device", "sriov_offset", "sriov_stride"] {
+        assert!(!pf_dir.join(absent).exists(), "{absent} is from 4.15");
+    }
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    let pf = &facts.pfs[0];
+    assert_eq!(pf.vf_device, Some(PciId(0x0011)));
+    assert_eq!(pf.vfs.len(), 3);
+
+    let tables = vfmap_core::Tables::build(&facts, &vfmap_core::Profiles::default());
+    for vf in &tables.vfs {
+        assert_eq!(
+            (vf.vendor, vf.device),
+            (Some(PciId(0x1b36)), Some(PciId(0x0011))),
+            "{vf:?}"
+        );
+    }
+
+    // One VF without its own `device`: the others still say the ID, and that VF is reported.
+    tree.remove_attribute(bdf("0000:3b:00.2"), "device");
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    assert_eq!(facts.pfs[0].vf_device, Some(PciId(0x0011)));
+    assert_eq!(
+        problems(&facts),
+        [(
+            "0000:3b:00.2".into(),
+            "device".into(),
+            "missing, and its PF has no readable sriov_vf_device: the VF's device ID is unknown"
+                .into()
+        )]
+    );
+
+    // VFs that disagree (no real kernel does this): unknown, and said why.
+    fs::write(
+        tree.device_link(bdf("0000:3b:00.3")).join("device"),
+        "0x0012\n",
+    )
+    .unwrap();
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    assert_eq!(facts.pfs[0].vf_device, None);
+    let all = problems(&facts);
+    assert!(
+        all.iter()
+            .any(|(device, attribute, message)| device == "0000:3b:00.0"
+                && attribute == "sriov_vf_device"
+                && message.contains("0000:3b:00.1 says 0x0011, 0000:3b:00.3 says 0x0012")),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn every_missing_attribute_vfmap_needs_is_a_problem_of_its_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(2));
+    tree.add_pf(&PfSpec::nvme("0000:5e:00.0", 8).with_vfs(2));
+    let (pf, vf) = (bdf("0000:3b:00.0"), bdf("0000:3b:00.2"));
+    for attribute in [
+        "vendor",
+        "device",
+        "numa_node",
+        "sriov_numvfs",
+        "sriov_drivers_autoprobe",
+    ] {
+        tree.remove_attribute(pf, attribute);
+    }
+    tree.remove_attribute(vf, "driver_override");
+    tree.remove_attribute(vf, "numa_node");
+
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    let broken = &facts.pfs[0];
+    assert_eq!(
+        (broken.vendor, broken.device, broken.num_vfs),
+        (None, None, None)
+    );
+    assert_eq!(broken.drivers_autoprobe, None);
+    assert_eq!(broken.vfs.len(), 2, "the scan goes on");
+    let found = problems(&facts);
+    let want = [
+        (
+            "0000:3b:00.0",
+            "vendor",
+            "missing: the device's ID is unknown, so no card can match it",
+        ),
+        (
+            "0000:3b:00.0",
+            "device",
+            "missing: the device's ID is unknown, so no card can match it",
+        ),
+        (
+            "0000:3b:00.0",
+            "numa_node",
+            "missing: the NUMA node is unknown (a kernel built without CONFIG_NUMA has no numa_node)",
+        ),
+        (
+            "0000:3b:00.0",
+            "sriov_numvfs",
+            "missing: how many VFs are enabled is unknown",
+        ),
+        (
+            "0000:3b:00.0",
+            "sriov_drivers_autoprobe",
+            "missing: `vfmap prepare` cannot keep host drivers off new VFs (kernels before 4.12 lack it)",
+        ),
+        (
+            "0000:3b:00.2",
+            "numa_node",
+            "missing: the NUMA node is unknown (a kernel built without CONFIG_NUMA has no numa_node)",
+        ),
+        (
+            "0000:3b:00.2",
+            "driver_override",
+            "missing: `vfmap prepare` cannot bind this VF to its host driver (kernels before 3.16 lack it)",
+        ),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(d, a, m)| ((*d).to_owned(), (*a).to_owned(), (*m).to_owned()))
+        .collect();
+    let mut sorted = found.clone();
+    sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(sorted, want_sorted, "exactly these, nothing on 0000:5e");
+    assert!(facts.problems.iter().all(|p| !p.permission_denied));
+}
+
+#[test]
+fn a_kernel_without_numa_reports_numa_node_per_device_but_lists_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_plain_device("0000:00:1f.0");
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(2));
+    assert_eq!(tree.remove_attribute_everywhere("numa_node"), 4);
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    let pf = &facts.pfs[0];
+    assert_eq!(pf.vfs.len(), 2);
+    assert_eq!(pf.vf_device, Some(PciId(0x0010)));
+    assert!(pf.numa_node.is_none() && pf.vfs.iter().all(|v| v.numa_node.is_none()));
+    let found: Vec<(String, String)> = problems(&facts)
+        .into_iter()
+        .map(|(d, a, _)| (d, a))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("0000:3b:00.0".into(), "numa_node".into()),
+            ("0000:3b:00.1".into(), "numa_node".into()),
+            ("0000:3b:00.2".into(), "numa_node".into()),
+        ],
+        "only what vfmap reads: the plain device's numa_node is not needed"
+    );
+
+    // VFs enabled later on that kernel have no numa_node either.
+    tree.set_num_vfs(bdf("0000:3b:00.0"), 0, None).unwrap();
+    tree.set_num_vfs(bdf("0000:3b:00.0"), 3, None).unwrap();
+    assert!(
+        !tree
+            .device_link(bdf("0000:3b:00.3"))
+            .join("numa_node")
+            .exists()
+    );
 }

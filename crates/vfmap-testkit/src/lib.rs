@@ -43,6 +43,10 @@ pub struct PfSpec {
     pub driver: Option<String>,
     /// `sriov_drivers_autoprobe`.
     pub autoprobe: bool,
+    /// Laid out by a kernel before 4.15: no `sriov_offset`, `sriov_stride` or
+    /// `sriov_vf_device` attributes; those values live only in the SR-IOV capability of the
+    /// PF's (4096-byte) `config`, where the fake kernel reads them too.
+    pub before_4_15: bool,
 }
 
 impl PfSpec {
@@ -60,7 +64,14 @@ impl PfSpec {
             numa_node: 0,
             driver: Some("nvme".into()),
             autoprobe: true,
+            before_4_15: false,
         }
+    }
+
+    /// The same PF as a kernel before 4.15 shows it (see [`PfSpec::before_4_15`]).
+    pub fn before_4_15(mut self) -> PfSpec {
+        self.before_4_15 = true;
+        self
     }
 
     /// The same PF with `n` VFs enabled.
@@ -85,6 +96,53 @@ fn read(path: &Path) -> String {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
         .trim()
         .to_owned()
+}
+
+/// An attribute's trimmed text, `None` when the file is absent.
+fn read_opt(path: &Path) -> Option<String> {
+    match fs::read_to_string(path) {
+        Ok(text) => Some(text.trim().to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => panic!("read {}: {e}", path.display()),
+    }
+}
+
+/// Where the SR-IOV extended capability sits in a generated PF's `config`.
+const SRIOV_CAP: usize = 0x100;
+/// Offsets inside the SR-IOV capability (PCIe base spec, "SR-IOV Extended Capability").
+const SRIOV_TOTAL_VFS: usize = 0x0e;
+const SRIOV_NUM_VFS: usize = 0x10;
+const SRIOV_VF_OFFSET: usize = 0x14;
+const SRIOV_VF_STRIDE: usize = 0x16;
+const SRIOV_VF_DEVICE: usize = 0x1a;
+
+/// A 16-bit field of the SR-IOV capability in `config`, when the file holds one.
+fn sriov_cap_field(config: &Path, field: usize) -> Option<u16> {
+    let bytes = fs::read(config).ok()?;
+    let header = bytes.get(SRIOV_CAP..SRIOV_CAP + 2)?;
+    if u16::from_le_bytes([header[0], header[1]]) != 0x0010 {
+        return None;
+    }
+    let at = SRIOV_CAP + field;
+    let value = bytes.get(at..at + 2)?;
+    Some(u16::from_le_bytes([value[0], value[1]]))
+}
+
+/// The value of a PF's SR-IOV attribute, or else the same field of the capability in its
+/// `config` (kernels before 4.15 have only the latter).
+fn sriov_value(pf_dir: &Path, attribute: &str, field: usize) -> Option<u16> {
+    match read_opt(&pf_dir.join(attribute)) {
+        Some(text) => {
+            let hex = attribute == "sriov_vf_device";
+            let text = text.trim_start_matches("0x");
+            if hex {
+                u16::from_str_radix(text, 16).ok()
+            } else {
+                text.parse().ok()
+            }
+        }
+        None => sriov_cap_field(&pf_dir.join("config"), field),
+    }
 }
 
 impl SysfsTree {
@@ -142,7 +200,7 @@ impl SysfsTree {
         parent_bus: u8,
         vendor: PciId,
         device: PciId,
-        numa: i32,
+        numa: Option<i32>,
     ) -> PathBuf {
         self.add_device_at(
             SysfsTree::device_dir_rel(bdf, parent_bus),
@@ -160,14 +218,16 @@ impl SysfsTree {
         bdf: Bdf,
         vendor: PciId,
         device: PciId,
-        numa: i32,
+        numa: Option<i32>,
     ) -> PathBuf {
         let dir = self.root.join(&rel);
         fs::create_dir_all(&dir).expect("create device dir");
         write(&dir.join("vendor"), &format!("{vendor}\n"));
         write(&dir.join("device"), &format!("{device}\n"));
         write(&dir.join("class"), "0x010802\n");
-        write(&dir.join("numa_node"), &format!("{numa}\n"));
+        if let Some(numa) = numa {
+            write(&dir.join("numa_node"), &format!("{numa}\n"));
+        }
         write(&dir.join("driver_override"), "(null)\n");
         write(&dir.join("irq"), "0\n");
         write(
@@ -189,7 +249,7 @@ impl SysfsTree {
         let port: Bdf = port.parse().expect("port address");
         let rel =
             PathBuf::from(format!("devices/pci{:04x}:00", port.domain)).join(port.to_string());
-        self.add_device_at(rel, port, PciId(0x1b36), PciId(0x000c), -1);
+        self.add_device_at(rel, port, PciId(0x1b36), PciId(0x000c), Some(-1));
         port
     }
 
@@ -200,7 +260,7 @@ impl SysfsTree {
         let rel = PathBuf::from(format!("devices/pci{:04x}:00", port.domain))
             .join(port.to_string())
             .join(bdf.to_string());
-        self.add_device_at(rel, bdf, vendor, device, -1);
+        self.add_device_at(rel, bdf, vendor, device, Some(-1));
         bdf
     }
 
@@ -226,20 +286,37 @@ impl SysfsTree {
             spec.location.bus,
             spec.vendor,
             spec.device,
-            spec.numa_node,
+            Some(spec.numa_node),
         );
         write(
             &dir.join("sriov_totalvfs"),
             &format!("{}\n", spec.total_vfs),
         );
         write(&dir.join("sriov_numvfs"), "0\n");
-        write(&dir.join("sriov_offset"), &format!("{}\n", spec.offset));
-        write(&dir.join("sriov_stride"), &format!("{}\n", spec.stride));
-        // The kernel prints this one without "0x".
-        write(
-            &dir.join("sriov_vf_device"),
-            &format!("{:x}\n", spec.vf_device.0),
-        );
+        if spec.before_4_15 {
+            // The full extended config space, as root reads it, with the SR-IOV capability.
+            let mut config = fs::read(dir.join("config")).expect("read config");
+            config.resize(4096, 0);
+            let cap = &mut config[SRIOV_CAP..];
+            cap[0..4].copy_from_slice(&(0x0010u32 | (1 << 16)).to_le_bytes());
+            for (field, value) in [
+                (SRIOV_TOTAL_VFS, spec.total_vfs),
+                (SRIOV_VF_OFFSET, spec.offset),
+                (SRIOV_VF_STRIDE, spec.stride),
+                (SRIOV_VF_DEVICE, spec.vf_device.0),
+            ] {
+                cap[field..field + 2].copy_from_slice(&value.to_le_bytes());
+            }
+            fs::write(dir.join("config"), config).expect("write config");
+        } else {
+            write(&dir.join("sriov_offset"), &format!("{}\n", spec.offset));
+            write(&dir.join("sriov_stride"), &format!("{}\n", spec.stride));
+            // The kernel prints this one without "0x".
+            write(
+                &dir.join("sriov_vf_device"),
+                &format!("{:x}\n", spec.vf_device.0),
+            );
+        }
         write(
             &dir.join("sriov_drivers_autoprobe"),
             &format!("{}\n", u8::from(spec.autoprobe)),
@@ -256,7 +333,7 @@ impl SysfsTree {
     /// Adds a plain (non-SR-IOV) device.
     pub fn add_plain_device(&self, bdf: &str) -> Bdf {
         let bdf: Bdf = bdf.parse().expect("device location");
-        self.add_device(bdf, bdf.bus, PciId(0x8086), PciId(0x100e), -1);
+        self.add_device(bdf, bdf.bus, PciId(0x8086), PciId(0x100e), Some(-1));
         bdf
     }
 
@@ -274,13 +351,14 @@ impl SysfsTree {
         let pf_link = self.device_link(pf);
         let pf_dir = fs::canonicalize(&pf_link)?;
         let current: u16 = read(&pf_dir.join("sriov_numvfs")).parse().unwrap_or(0);
-        let offset: u16 = read(&pf_dir.join("sriov_offset")).parse().unwrap_or(1);
-        let stride: u16 = read(&pf_dir.join("sriov_stride")).parse().unwrap_or(1);
+        let offset = sriov_value(&pf_dir, "sriov_offset", SRIOV_VF_OFFSET).unwrap_or(1);
+        let stride = sriov_value(&pf_dir, "sriov_stride", SRIOV_VF_STRIDE).unwrap_or(1);
         let vendor: PciId = read(&pf_dir.join("vendor")).parse().unwrap_or(PciId(0));
-        let vf_device: PciId = read(&pf_dir.join("sriov_vf_device"))
-            .parse()
-            .unwrap_or(PciId(0));
-        let numa: i32 = read(&pf_dir.join("numa_node")).parse().unwrap_or(-1);
+        let vf_device =
+            PciId(sriov_value(&pf_dir, "sriov_vf_device", SRIOV_VF_DEVICE).unwrap_or(0));
+        // A kernel without CONFIG_NUMA has no numa_node anywhere: VFs follow their PF.
+        let numa: Option<i32> =
+            read_opt(&pf_dir.join("numa_node")).map(|n| n.parse().unwrap_or(-1));
         for i in 0..current {
             let Some(vf) = pf.vf_location(offset, stride, i) else {
                 continue;
@@ -312,7 +390,60 @@ impl SysfsTree {
             }
         }
         write(&pf_dir.join("sriov_numvfs"), &format!("{n}\n"));
+        if sriov_cap_field(&pf_dir.join("config"), SRIOV_NUM_VFS).is_some() {
+            let mut config = fs::read(pf_dir.join("config"))?;
+            let at = SRIOV_CAP + SRIOV_NUM_VFS;
+            config[at..at + 2].copy_from_slice(&n.to_le_bytes());
+            fs::write(pf_dir.join("config"), config)?;
+        }
         Ok(())
+    }
+
+    /// Removes `attribute` from one device, as a kernel that lacks it (or a partial capture)
+    /// would show the device.
+    pub fn remove_attribute(&self, bdf: Bdf, attribute: &str) {
+        let path = self.device_link(bdf).join(attribute);
+        fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+    }
+
+    /// Removes `attribute` from every device present now, e.g. `numa_node` as a kernel built
+    /// without CONFIG_NUMA shows it (VFs enabled later follow their PF). Returns how many
+    /// files it removed.
+    pub fn remove_attribute_everywhere(&self, attribute: &str) -> usize {
+        let mut removed = 0;
+        for dir in self.device_dirs() {
+            match fs::remove_file(dir.join(attribute)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => panic!("remove {attribute} in {}: {e}", dir.display()),
+            }
+        }
+        removed
+    }
+
+    /// Sets the mode of every attribute file of every device (directories and symlinks keep
+    /// theirs), e.g. `0o600` for a tree captured by root that other users cannot read.
+    pub fn chmod_attributes(&self, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in self.device_dirs() {
+            for entry in fs::read_dir(&dir).expect("list device dir") {
+                let entry = entry.expect("device dir entry");
+                if entry.file_type().expect("file type").is_file() {
+                    fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))
+                        .expect("chmod attribute");
+                }
+            }
+        }
+    }
+
+    /// The real directory of every device under `bus/pci/devices`.
+    fn device_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = fs::read_dir(self.root.join("bus/pci/devices"))
+            .expect("list devices")
+            .map(|e| fs::canonicalize(e.expect("device entry").path()).expect("device dir"))
+            .collect();
+        dirs.sort();
+        dirs
     }
 
     /// Points `bdf`'s `driver` link at `bus/pci/drivers/<driver>`.

@@ -65,12 +65,33 @@ fn id_pair(vendor: Option<vfmap_core::PciId>, device: Option<vfmap_core::PciId>)
 /// The `vfmap inventory` text output.
 pub fn inventory(tables: &Tables, root: &Path) -> String {
     let mut out = String::new();
-    if tables.pfs.is_empty() {
+    let denied = tables
+        .problems
+        .iter()
+        .filter(|p| p.permission_denied)
+        .count();
+    if denied > 0 {
+        // Not "no SR-IOV device": what could not be read may well be one.
         let _ = writeln!(
             out,
-            "no SR-IOV capable PCI device under {} (none has sriov_totalvfs > 0)",
-            root.join("bus/pci/devices").display()
+            "cannot read {denied} attribute{} under {}: permission denied — run as root; {}",
+            if denied == 1 { "" } else { "s" },
+            root.join("bus/pci/devices").display(),
+            if tables.pfs.is_empty() {
+                "no SR-IOV PF could be identified without them"
+            } else {
+                "what follows is incomplete"
+            }
         );
+    }
+    if tables.pfs.is_empty() {
+        if denied == 0 {
+            let _ = writeln!(
+                out,
+                "no SR-IOV capable PCI device under {} (none has sriov_totalvfs > 0)",
+                root.join("bus/pci/devices").display()
+            );
+        }
     } else {
         let _ = writeln!(out, "SR-IOV PFs under {}:", root.display());
         let mut pfs = Table::new(&[
