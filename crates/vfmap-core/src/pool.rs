@@ -310,6 +310,9 @@ pub enum Change {
     SetState {
         /// The VF.
         global_index: GlobalIndex,
+        /// The state it is in now: the store checks it, so a change planned on a stale view
+        /// (another daemon, a lost race) is refused rather than applied.
+        from: AssignState,
         /// The new state.
         state: AssignState,
     },
@@ -317,6 +320,10 @@ pub enum Change {
     Free {
         /// The VF.
         global_index: GlobalIndex,
+        /// Who holds it now: the store frees it only from this holder.
+        vm: VmName,
+        /// At which local index.
+        local_index: u32,
     },
 }
 
@@ -562,7 +569,61 @@ impl Pool {
         }
         Ok(Change::SetState {
             global_index,
+            from: current,
             state,
+        })
+    }
+
+    /// Validates consecutive attach steps taken in one commit (no side effect between them).
+    pub fn plan_advance(
+        &self,
+        global_index: GlobalIndex,
+        states: &[AssignState],
+    ) -> Result<Vec<Change>, PoolError> {
+        let mut changes = Vec::with_capacity(states.len());
+        let mut previous: Option<AssignState> = None;
+        for &state in states {
+            let change = match previous {
+                None => self.plan_set_state(global_index, state)?,
+                Some(from) if from.next_attach_step() == Some(state) => Change::SetState {
+                    global_index,
+                    from,
+                    state,
+                },
+                Some(from) => {
+                    return Err(PoolError::BadTransition {
+                        global_index,
+                        from: from.as_str(),
+                        to: state.as_str(),
+                    });
+                }
+            };
+            changes.push(change);
+            previous = Some(state);
+        }
+        Ok(changes)
+    }
+
+    /// Validates giving up an attach whose rollback could not finish (the hypervisor did not
+    /// confirm the unplug): the assignment becomes `Releasing`, so it is never handed out and
+    /// its cleanup can be retried like any release.
+    pub fn plan_abandon(&self, global_index: GlobalIndex) -> Result<Change, PoolError> {
+        let current = self
+            .assignments
+            .get(&global_index)
+            .ok_or(PoolError::NotAssigned(global_index))?
+            .state;
+        if !current.is_attaching() {
+            return Err(PoolError::BadTransition {
+                global_index,
+                from: current.as_str(),
+                to: AssignState::Releasing.as_str(),
+            });
+        }
+        Ok(Change::SetState {
+            global_index,
+            from: current,
+            state: AssignState::Releasing,
         })
     }
 
@@ -590,7 +651,12 @@ impl Pool {
     /// Validates freeing a VF (after a rollback or a release).
     pub fn plan_free(&self, global_index: GlobalIndex) -> Result<Change, PoolError> {
         if self.assignments.contains_key(&global_index) {
-            Ok(Change::Free { global_index })
+            let a = &self.assignments[&global_index];
+            Ok(Change::Free {
+                global_index,
+                vm: a.vm.clone(),
+                local_index: a.local_index,
+            })
         } else {
             Err(PoolError::NotAssigned(global_index))
         }
@@ -615,12 +681,13 @@ impl Pool {
             Change::SetState {
                 global_index,
                 state,
+                ..
             } => {
                 if let Some(a) = self.assignments.get_mut(global_index) {
                     a.state = *state;
                 }
             }
-            Change::Free { global_index } => {
+            Change::Free { global_index, .. } => {
                 if let Some(a) = self.assignments.remove(global_index) {
                     self.by_slot.remove(&(a.vm, a.local_index));
                 }

@@ -21,6 +21,9 @@ use vfmap_core::{
 };
 
 use crate::effects::{GuestChannel, HostVfs, Hypervisor, HypervisorError};
+pub use cleanup::Cleanup;
+
+mod cleanup;
 use crate::store::{Detail, Failure, Loaded, Mutation, Store, StoreError};
 
 /// Engine failures; the API maps each to a status code.
@@ -70,14 +73,21 @@ struct State {
     pool: Pool,
     details: BTreeMap<GlobalIndex, Detail>,
     failures: VecDeque<Failure>,
+    /// Releases the hypervisor did not confirm, retried in the background.
+    cleanups: BTreeMap<GlobalIndex, Cleanup>,
+    /// VFs a release is working on now (see `Engine::claim`).
+    busy: std::collections::BTreeSet<GlobalIndex>,
+    /// VMs whose orphan check is running.
+    checking: std::collections::BTreeSet<String>,
 }
 
 impl State {
     fn apply(&mut self, mutation: &Mutation) {
         match mutation {
             Mutation::Pool(change) => {
-                if let Change::Free { global_index } = change {
+                if let Change::Free { global_index, .. } = change {
                     self.details.remove(global_index);
+                    self.cleanups.remove(global_index);
                 }
                 self.pool.apply(change);
             }
@@ -116,6 +126,9 @@ pub struct CorrespondenceRow {
     /// Guest-side facts.
     #[serde(flatten)]
     pub detail: Detail,
+    /// When the release is waiting for the hypervisor: the automatic retries of its cleanup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cleanup: Option<Cleanup>,
 }
 
 /// A VM with its correspondence table.
@@ -256,6 +269,9 @@ impl Engine {
                 pool,
                 details: detail_map,
                 failures: loaded.failures.into(),
+                cleanups: BTreeMap::new(),
+                busy: Default::default(),
+                checking: Default::default(),
             }),
             store,
             adapters,
@@ -269,6 +285,8 @@ impl Engine {
                 .store
                 .write(vec![Mutation::Pool(Change::Free {
                     global_index: a.global_index,
+                    vm: a.vm.clone(),
+                    local_index: a.local_index,
                 })])
                 .await?;
         }
@@ -333,26 +351,12 @@ impl Engine {
         detail: Option<Detail>,
     ) -> Result<(), EngineError> {
         self.commit(|s| {
-            let mut m = Vec::with_capacity(states.len() + 1);
-            let mut previous: Option<AssignState> = None;
-            for &state in states {
-                let change = match previous {
-                    None => s.pool.plan_set_state(a.global_index, state)?,
-                    Some(p) if p.next_attach_step() == Some(state) => Change::SetState {
-                        global_index: a.global_index,
-                        state,
-                    },
-                    Some(p) => {
-                        return Err(PoolError::BadTransition {
-                            global_index: a.global_index,
-                            from: p.as_str(),
-                            to: state.as_str(),
-                        });
-                    }
-                };
-                m.push(Mutation::Pool(change));
-                previous = Some(state);
-            }
+            let mut m: Vec<Mutation> = s
+                .pool
+                .plan_advance(a.global_index, states)?
+                .into_iter()
+                .map(Mutation::Pool)
+                .collect();
             m.extend(detail.map(|d| Mutation::Detail(a.global_index, d)));
             Ok(m)
         })
@@ -613,8 +617,12 @@ impl Engine {
     ) -> Result<String, String> {
         warn!(vm = %vm.name, local_index = a.local_index, vf = %a.location, reason = %reason, "attach failed; rolling back");
         if maybe_plugged && let Err(e) = self.unplug(vm, a).await {
+            // The VF may still be in the VM: it must not go back to the pool, but it must not
+            // stay pinned either. It becomes a release whose cleanup is retried.
+            self.abandon(vm, a, &e.to_string()).await;
             return Err(format!(
-                "{reason}; the rollback could not unplug the VF ({e}), it stays reserved until the daemon restarts"
+                "{reason}; the rollback could not unplug the VF ({e}); vfmap retries the cleanup automatically (see `vfmap status {}`)",
+                vm.name
             ));
         }
         self.reset(a.location).await;
@@ -692,6 +700,15 @@ impl Engine {
                 vm: vm.to_owned(),
                 local_index,
             })?;
+        // One release at a time per VF: the background cleanup retries hold the same claim.
+        let Some(_claim) = self.claim(current.global_index) else {
+            return Err(PoolError::Busy {
+                vm: vm.to_owned(),
+                local_index,
+                state: "being cleaned up",
+            }
+            .into());
+        };
         if current.state != AssignState::Releasing {
             self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_release(vm, local_index)?)]))
                 .await?;
@@ -732,8 +749,10 @@ impl Engine {
                 warn!(vm = %vm.name, error = %e, "could not tell the agent before unplugging");
             }
         }
-        if unplug {
-            self.unplug(vm, a).await.map_err(|e| e.to_string())?;
+        if unplug && let Err(e) = self.unplug(vm, a).await {
+            let e = e.to_string();
+            self.cleanup_failed(a.global_index, &e);
+            return Err(e);
         }
         failpoint("unplugged");
         self.reset(a.location).await;
@@ -784,8 +803,9 @@ impl Engine {
         }
     }
 
-    /// Completes or rolls back everything in flight after a restart, and frees VFs whose VM
-    /// lost them. Runs before the API opens.
+    /// Completes or rolls back everything in flight after a restart, frees VFs whose VM lost
+    /// them, and unplugs devices with vfmap's ids that the database does not hold. Runs before
+    /// the API opens, so no VF is handed out before its state is known.
     pub async fn recover(&self) -> Result<(), EngineError> {
         let (vms, held): (Vec<VmSpec>, Vec<Assignment>) = {
             let s = self.lock();
@@ -797,19 +817,18 @@ impl Engine {
         for vm in vms {
             self.adapters.channel.watch(&vm);
             let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
-            if mine.is_empty() {
-                continue;
-            }
             let plugged = match self.adapters.hypervisor.plugged(&vm).await {
                 Ok(ids) => ids,
                 // Only a VM that is certainly not running has nothing plugged; anything less
                 // certain (a timeout, a permission error) must not free a VF that may be in use.
                 Err(HypervisorError::NotRunning { .. }) => Vec::new(),
                 Err(e) => {
-                    warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; leaving the VM's VFs reserved");
+                    warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
+                    self.defer_cleanups(&vm, &mine, &e.to_string()).await;
                     continue;
                 }
             };
+            self.remove_orphans(&vm, &plugged).await;
             for a in mine {
                 let is_plugged = plugged.contains(&device_id(a.global_index));
                 let decision = plan_recovery(a.state, is_plugged);
@@ -883,6 +902,7 @@ impl Engine {
                         .get(&a.global_index)
                         .cloned()
                         .unwrap_or_default(),
+                    cleanup: state.cleanups.get(&a.global_index).cloned(),
                 }
             })
             .collect();

@@ -43,6 +43,10 @@ pub struct Config {
     /// How long a host driver bind may take to show, in milliseconds.
     #[serde(default = "default_settle")]
     pub settle_ms: u64,
+    /// How often every VM is checked for devices with vfmap's ids that the state database
+    /// does not give it (orphans), in milliseconds.
+    #[serde(default = "default_reconcile")]
+    pub reconcile_interval_ms: u64,
 }
 
 fn default_sysfs_root() -> PathBuf {
@@ -59,6 +63,9 @@ fn default_qmp_timeout() -> u64 {
 }
 fn default_settle() -> u64 {
     5_000
+}
+fn default_reconcile() -> u64 {
+    30_000
 }
 
 /// The least time between two re-sends of one VM's correspondence.
@@ -218,6 +225,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 tokio::time::sleep(RESYNC_SPACING).await;
                 resyncs.done(&vm);
             });
+        }
+    });
+
+    // Background upkeep: due cleanup retries every second, the orphan check every interval.
+    let janitor = engine.clone();
+    let reconcile = Duration::from_millis(config.reconcile_interval_ms.max(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(reconcile));
+        let mut last_check = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            janitor.retry_cleanups().await;
+            if last_check.elapsed() >= reconcile {
+                last_check = tokio::time::Instant::now();
+                janitor.reconcile_orphans().await;
+            }
         }
     });
 

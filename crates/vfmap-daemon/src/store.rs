@@ -377,23 +377,33 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
                 )?;
             }
         }
+        // State changes and frees name the state and holder they expect: a change planned on
+        // a stale view (a second daemon, a lost race) changes nothing and fails.
         Mutation::Pool(Change::SetState {
             global_index,
+            from,
             state,
         }) => {
             let n = run(
-                "UPDATE assignments SET state = ?2 WHERE global_index = ?1",
-                params![global_index, state.as_str()],
+                "UPDATE assignments SET state = ?2 WHERE global_index = ?1 AND state = ?3",
+                params![global_index, state.as_str(), from.as_str()],
             )?;
             if n != 1 {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             }
         }
-        Mutation::Pool(Change::Free { global_index }) => {
-            run(
-                "DELETE FROM assignments WHERE global_index = ?1",
-                params![global_index],
+        Mutation::Pool(Change::Free {
+            global_index,
+            vm,
+            local_index,
+        }) => {
+            let n = run(
+                "DELETE FROM assignments WHERE global_index = ?1 AND vm = ?2 AND local_index = ?3",
+                params![global_index, vm.as_str(), local_index],
             )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
         }
         Mutation::Detail(global_index, d) => {
             run(
@@ -495,6 +505,7 @@ mod tests {
         // Submitted together: the second takes local index 0 again and must fail alone.
         let ok = store.submit(vec![Mutation::Pool(Change::SetState {
             global_index: 0,
+            from: AssignState::Reserved,
             state: AssignState::HostBound,
         })]);
         let clash = store.submit(vec![Mutation::Pool(Change::Reserve(vec![assignment(
@@ -517,6 +528,25 @@ mod tests {
             )])
             .await
             .unwrap();
+        // Writes planned on a stale view change nothing: a state it is not in, another holder.
+        let stale = store
+            .write(vec![Mutation::Pool(Change::SetState {
+                global_index: 0,
+                from: AssignState::Reserved,
+                state: AssignState::HostBound,
+            })])
+            .await;
+        assert!(stale.is_err(), "a state change from a state it is not in");
+        for (vm_name, local_index) in [("db", 0), ("web", 1)] {
+            let freed = store
+                .write(vec![Mutation::Pool(Change::Free {
+                    global_index: 0,
+                    vm: VmName::new(vm_name).unwrap(),
+                    local_index,
+                })])
+                .await;
+            assert!(freed.is_err(), "freed from {vm_name} {local_index}");
+        }
         drop(store);
         let (_, loaded) = Store::open(&db, &locations).unwrap();
         assert_eq!(loaded.vms, [vm("web")]);

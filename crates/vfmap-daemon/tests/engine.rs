@@ -349,7 +349,7 @@ async fn a_failure_at_each_step_rolls_back_and_records_why() {
 }
 
 #[tokio::test]
-async fn a_failed_unplug_during_rollback_keeps_the_vf_reserved() {
+async fn a_failed_unplug_during_rollback_keeps_the_vf_out_of_the_pool_until_cleaned_up() {
     let rig = Rig::new();
     *rig.agent.mode.lock().unwrap() = AgentMode::Refuse;
     *rig.hv.fail_detach.lock().unwrap() = true;
@@ -359,9 +359,23 @@ async fn a_failed_unplug_during_rollback_keeps_the_vf_reserved() {
         .attach(request("web", "crypto", 1))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("stays reserved"), "{err}");
-    // It may still be in the VM: it must not go back to the pool.
+    assert!(
+        err.to_string()
+            .contains("retries the cleanup automatically"),
+        "{err}"
+    );
+    // It may still be in the VM: it must not go back to the pool, and it shows why.
     assert_eq!(free(&engine, "crypto"), 1);
+    let row = &engine.vm_view("web").unwrap().correspondence[0];
+    assert_eq!(row.state, "releasing");
+    let cleanup = row.cleanup.as_ref().expect("a cleanup is scheduled");
+    assert_eq!(cleanup.attempts, 1);
+    assert!(cleanup.next_retry_at.is_some());
+    // Once the hypervisor answers again, a detach (like the automatic retry) frees it.
+    *rig.hv.fail_detach.lock().unwrap() = false;
+    engine.detach("web", 0).await.unwrap();
+    assert_eq!(free(&engine, "crypto"), 2);
+    assert!(engine.vm_view("web").unwrap().correspondence.is_empty());
 }
 
 #[tokio::test]

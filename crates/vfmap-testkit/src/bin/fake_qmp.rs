@@ -2,8 +2,9 @@
 //! empty root ports, `device_del` with a `DEVICE_DELETED` event, `query-pci`.
 //!
 //!     vfmap-fake-qmp --socket PATH --slots rp0,rp1 [--state FILE] [--add-delay-ms N]
-//!                    [--fail-add SLOT]
+//!                    [--fail-add SLOT] [--hang]
 //!
+//! `--hang` accepts connections and never says anything: a hung QEMU.
 //! `--state FILE` is rewritten after each change with the plugged devices, one
 //! `slot id host` line each, so tests can compare what the daemon believes with the "VM".
 
@@ -23,6 +24,7 @@ struct Vm {
     state_file: Option<String>,
     add_delay: Duration,
     fail_add: Option<String>,
+    hang: bool,
 }
 
 impl Vm {
@@ -66,6 +68,12 @@ fn error(class: &str, desc: &str) -> Value {
 }
 
 fn handle(vm: &Arc<Mutex<Vm>>, stream: UnixStream) -> std::io::Result<()> {
+    if vm.lock().unwrap().hang {
+        // Hold the connection open and never answer, like a QEMU stuck in its main loop.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let mut writer = stream.try_clone()?;
     let mut send = |v: &Value| -> std::io::Result<()> { writeln!(writer, "{v}") };
     send(
@@ -163,7 +171,7 @@ fn main() {
     let flags = vfmap_testkit::Flags::from_env();
     let Some(socket) = flags.value("--socket") else {
         eprintln!(
-            "usage: vfmap-fake-qmp --socket PATH --slots rp0,rp1 [--state FILE] [--add-delay-ms N] [--fail-add SLOT]"
+            "usage: vfmap-fake-qmp --socket PATH --slots rp0,rp1 [--state FILE] [--add-delay-ms N] [--fail-add SLOT] [--hang]"
         );
         std::process::exit(2);
     };
@@ -178,6 +186,7 @@ fn main() {
         state_file: flags.value("--state"),
         add_delay: flags.millis("--add-delay-ms"),
         fail_add: flags.value("--fail-add"),
+        hang: flags.has("--hang"),
         ..Vm::default()
     };
     vm.save();

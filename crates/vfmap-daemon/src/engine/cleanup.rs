@@ -1,0 +1,249 @@
+//! Cleanups the hypervisor did not confirm, and devices it holds that vfmap does not.
+//!
+//! A hung or unreachable hypervisor cannot say whether a VF is still in the VM. Such a VF is
+//! never handed out, but it must not stay pinned either: its assignment becomes `releasing`
+//! and the release is retried in the background with a growing delay, a bounded number of
+//! times, visible in the VM's view. An operator's `detach` (or a restart) retries at once.
+//!
+//! Orphans are devices with vfmap's ids in a VM that the database does not give that VM, e.g.
+//! a `device_add` from a daemon that died, landing after its successor freed the VF. Recovery
+//! and a periodic check unplug them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{error, info, warn};
+use vfmap_core::{Assignment, GlobalIndex, VmSpec};
+
+use super::{Engine, Mutation, device_id};
+
+/// Automatic attempts before a cleanup waits for an operator.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The state of a cleanup waiting for the hypervisor, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cleanup {
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: String,
+    /// When the next automatic attempt runs (seconds since the epoch); `null` once the
+    /// attempts are used up: then `vfmap detach` retries, or stopping the VM frees the VF.
+    pub next_retry_at: Option<u64>,
+    /// When the next attempt is due.
+    #[serde(skip)]
+    due: Option<Instant>,
+}
+
+/// The wait before attempt `attempts + 1`: 1 s, doubling, at most [`MAX_BACKOFF`].
+pub fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(MAX_BACKOFF)
+}
+
+impl Cleanup {
+    /// The cleanup after one more failed attempt.
+    fn after_failure(previous: Option<&Cleanup>, error: &str, now: Instant) -> Cleanup {
+        let attempts = previous.map_or(0, |c| c.attempts) + 1;
+        let wait = (attempts < MAX_ATTEMPTS).then(|| backoff(attempts));
+        Cleanup {
+            attempts,
+            last_error: error.to_owned(),
+            next_retry_at: wait.map(|w| crate::store::now() + w.as_secs()),
+            due: wait.map(|w| now + w),
+        }
+    }
+}
+
+/// A VF's release in progress; dropping it lets the next one start.
+pub(super) struct Claim<'a> {
+    engine: &'a Engine,
+    global_index: GlobalIndex,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.engine.lock().busy.remove(&self.global_index);
+    }
+}
+
+/// `vfmap-vf<N>` → N: only ids vfmap itself gives.
+fn vfmap_index(id: &str) -> Option<GlobalIndex> {
+    let digits = id.strip_prefix("vfmap-vf")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let index = digits.parse().ok()?;
+    (device_id(index) == id).then_some(index)
+}
+
+impl Engine {
+    /// Claims a VF for a release; `None` when another release of it runs now.
+    pub(super) fn claim(&self, global_index: GlobalIndex) -> Option<Claim<'_>> {
+        self.lock().busy.insert(global_index).then_some(Claim {
+            engine: self,
+            global_index,
+        })
+    }
+
+    /// Records a failed cleanup attempt and when the next one is due.
+    pub(super) fn cleanup_failed(&self, global_index: GlobalIndex, error: &str) {
+        let mut state = self.lock();
+        if state.pool.assignment(global_index).is_none() {
+            return;
+        }
+        let next = Cleanup::after_failure(state.cleanups.get(&global_index), error, Instant::now());
+        if next.due.is_none() {
+            error!(vf = global_index, attempts = next.attempts, error = %error, "giving up the automatic cleanup; `vfmap detach` retries it");
+        }
+        state.cleanups.insert(global_index, next);
+    }
+
+    /// Gives up an attach whose rollback could not unplug: durable `releasing`, then retried.
+    pub(super) async fn abandon(&self, vm: &VmSpec, a: &Assignment, error: &str) {
+        let abandoned = self
+            .commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_abandon(a.global_index)?)]))
+            .await;
+        match abandoned {
+            Ok(_) => {
+                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = "releasing", "assignment state");
+                self.cleanup_failed(a.global_index, error);
+            }
+            Err(e) => warn!(vf = %a.location, error = %e, "could not mark the VF for cleanup"),
+        }
+    }
+
+    /// After a failed hypervisor query at start-up: unfinished attaches of `vm` become
+    /// releases, and every release of it is retried in the background.
+    pub(super) async fn defer_cleanups(&self, vm: &VmSpec, held: &[&Assignment], error: &str) {
+        for a in held {
+            if a.state.is_attaching() {
+                self.abandon(vm, a, error).await;
+            } else if a.state == vfmap_core::AssignState::Releasing {
+                self.cleanup_failed(a.global_index, error);
+            }
+        }
+    }
+
+    /// Runs every cleanup that is due, each in its own task (one hung VM delays no other).
+    pub async fn retry_cleanups(self: &Arc<Self>) {
+        let now = Instant::now();
+        let due: Vec<GlobalIndex> = self
+            .lock()
+            .cleanups
+            .iter()
+            .filter(|(_, c)| c.due.is_some_and(|d| d <= now))
+            .map(|(gi, _)| *gi)
+            .collect();
+        for global_index in due {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.retry_cleanup(global_index).await });
+        }
+    }
+
+    async fn retry_cleanup(&self, global_index: GlobalIndex) {
+        let Some(_claim) = self.claim(global_index) else {
+            return;
+        };
+        let found = {
+            // Still the same release: a VF freed and taken again since is someone else's.
+            let state = self.lock();
+            state
+                .pool
+                .assignment(global_index)
+                .filter(|a| a.state == vfmap_core::AssignState::Releasing)
+                .filter(|_| state.cleanups.contains_key(&global_index))
+                .cloned()
+                .and_then(|a| {
+                    let vm = state.pool.vm(a.vm.as_str()).cloned()?;
+                    Some((vm, a))
+                })
+        };
+        let Some((vm, a)) = found else { return };
+        info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "retrying the cleanup");
+        if let Err(e) = self.finish_release(&vm, &a, false, true).await {
+            warn!(vm = %vm.name, vf = %a.location, error = %e, "cleanup attempt failed");
+        }
+    }
+
+    /// Unplugs devices with vfmap's ids that `vm` does not hold in the database.
+    pub(super) async fn remove_orphans(&self, vm: &VmSpec, plugged: &[String]) {
+        let held: BTreeSet<String> = self
+            .lock()
+            .pool
+            .assignments_of(&vm.name)
+            .map(|a| device_id(a.global_index))
+            .collect();
+        for id in plugged {
+            if vfmap_index(id).is_none() || held.contains(id) {
+                continue;
+            }
+            warn!(vm = %vm.name, device = %id, "removing a device vfmap does not hold (an attach that outlived its daemon?)");
+            match self.adapters.hypervisor.detach(vm, id).await {
+                Ok(()) => info!(vm = %vm.name, device = %id, "orphan removed"),
+                Err(e) => {
+                    warn!(vm = %vm.name, device = %id, error = %e, "could not remove the orphan; retrying at the next check")
+                }
+            }
+        }
+    }
+
+    /// The periodic orphan check over every VM, one task per VM; a VM still being checked
+    /// from the last round is skipped.
+    pub async fn reconcile_orphans(self: &Arc<Self>) {
+        let vms: Vec<VmSpec> = self.lock().pool.vms().cloned().collect();
+        for vm in vms {
+            if !self.lock().checking.insert(vm.name.to_string()) {
+                continue;
+            }
+            let engine = self.clone();
+            tokio::spawn(async move {
+                if let Ok(ids) = engine.adapters.hypervisor.plugged(&vm).await {
+                    engine.remove_orphans(&vm, &ids).await;
+                }
+                engine.lock().checking.remove(vm.name.as_str());
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let waits: Vec<u64> = (1..=10).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+    }
+
+    #[test]
+    fn attempts_run_out() {
+        let now = Instant::now();
+        let mut c = Cleanup::after_failure(None, "timeout", now);
+        assert_eq!((c.attempts, c.due), (1, Some(now + Duration::from_secs(1))));
+        for _ in 1..MAX_ATTEMPTS {
+            c = Cleanup::after_failure(Some(&c), "timeout", now);
+        }
+        assert_eq!(c.attempts, MAX_ATTEMPTS);
+        assert_eq!((c.due, c.next_retry_at), (None, None));
+    }
+
+    #[test]
+    fn only_vfmap_ids_are_orphans() {
+        assert_eq!(vfmap_index("vfmap-vf12"), Some(12));
+        for other in [
+            "vfmap-vf",
+            "vfmap-vf012",
+            "vfmap-vf1x",
+            "rp0",
+            "vfmap-vf+1",
+            "",
+        ] {
+            assert_eq!(vfmap_index(other), None, "{other}");
+        }
+    }
+}
