@@ -541,3 +541,60 @@ async fn a_failed_vf_releases_the_rest_of_its_request() {
     );
     engine.check().unwrap();
 }
+
+#[tokio::test]
+async fn a_restart_that_cannot_ask_the_hypervisor_turns_unfinished_attaches_into_cleanups() {
+    let rig = Rig::new();
+    {
+        let engine = rig.engine().await;
+        engine.add_vm(vm("web")).await.unwrap();
+    }
+    {
+        let conn = vfmap_daemon::store::open_connection(&rig.dir.path().join("state.db")).unwrap();
+        conn.execute(
+            "INSERT INTO assignments (global_index, location, vm, local_index, function, state) VALUES (1, '0000:01:00.2', 'web', 0, 'crypto', 'host_bound')",
+            [],
+        )
+        .unwrap();
+    }
+    *rig.hv.plugged_error.lock().unwrap() = Some(HypervisorError::Timeout(Duration::from_secs(1)));
+    let engine = rig.engine().await;
+    engine.recover().await.unwrap();
+    // Not handed out (it may be in the VM), not pinned: a release with a scheduled cleanup.
+    assert_eq!(free(&engine, "crypto"), 1);
+    let row = &engine.vm_view("web").unwrap().correspondence[0];
+    assert_eq!(row.state, "releasing");
+    assert_eq!(row.cleanup.as_ref().map(|c| c.attempts), Some(1));
+    // The hypervisor answers again: the operator's detach (or the retry) frees it.
+    *rig.hv.plugged_error.lock().unwrap() = None;
+    engine.detach("web", 0).await.unwrap();
+    assert_eq!(free(&engine, "crypto"), 2);
+}
+
+#[tokio::test]
+async fn recovery_unplugs_devices_with_vfmap_ids_the_database_does_not_hold() {
+    let rig = Rig::new();
+    {
+        let engine = rig.engine().await;
+        engine.add_vm(vm("web")).await.unwrap();
+        engine.attach(request("web", "crypto", 1)).await.unwrap();
+    }
+    // A device_add from a dead daemon landed for VF 1, which the database holds for no one;
+    // a device of the operator's own stays.
+    rig.hv
+        .plugged
+        .lock()
+        .unwrap()
+        .get_mut("web")
+        .unwrap()
+        .extend(["vfmap-vf1".to_owned(), "their-nic".to_owned()]);
+    let engine = rig.engine().await;
+    engine.recover().await.unwrap();
+    let mut left: Vec<String> = rig.hv.plugged.lock().unwrap()["web"]
+        .iter()
+        .cloned()
+        .collect();
+    left.sort();
+    assert_eq!(left, ["their-nic", "vfmap-vf0"]);
+    assert_eq!(engine.vm_view("web").unwrap().correspondence.len(), 1);
+}
