@@ -788,16 +788,24 @@ impl Engine {
             .await
         {
             Ok(answers) => {
-                for answer in answers {
-                    if let Answer::Failed {
-                        local_index,
-                        reason,
-                    } = answer
-                    {
-                        warn!(vm = %vm, local_index, reason = %reason.escape_debug(), "after resync the agent could not bind");
+                // One line per re-send, whatever the guest answers: its text is bounded, and
+                // re-sends are coalesced, so a lying agent cannot flood the log.
+                let failed: Vec<(u32, String)> = answers
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Answer::Failed {
+                            local_index,
+                            reason,
+                        } => Some((local_index, reason)),
+                        Answer::Bound { .. } => None,
+                    })
+                    .collect();
+                match failed.first() {
+                    Some((local_index, reason)) => {
+                        warn!(vm = %vm, failed = failed.len(), local_index, reason = %reason.escape_debug(), "correspondence re-sent; the agent could not bind some entries")
                     }
+                    None => info!(vm = %vm, "correspondence re-sent"),
                 }
-                info!(vm = %vm, "correspondence re-sent");
             }
             Err(e) => warn!(vm = %vm, error = %e, "re-sending the correspondence failed"),
         }
