@@ -1,0 +1,100 @@
+//! After a restart: finish or roll back what was in flight; re-send correspondences.
+
+use super::*;
+
+impl Engine {
+    /// Re-sends a VM's whole correspondence (its agent reconnected, e.g. after a guest reboot)
+    /// and logs entries the agent could not bind.
+    pub async fn resync(&self, vm: &str) {
+        let Ok(spec) = self.vm_spec(vm) else { return };
+        let entries = self.entries(&spec);
+        match self
+            .adapters
+            .channel
+            .apply(&spec, entries, self.adapters.agent_deadline)
+            .await
+        {
+            Ok(answers) => {
+                // One line per re-send, whatever the guest answers: its text is bounded, and
+                // re-sends are coalesced, so a lying agent cannot flood the log.
+                let failed: Vec<(u32, String)> = answers
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Answer::Failed {
+                            local_index,
+                            reason,
+                        } => Some((local_index, reason)),
+                        Answer::Bound { .. } => None,
+                    })
+                    .collect();
+                match failed.first() {
+                    Some((local_index, reason)) => {
+                        warn!(vm = %vm, failed = failed.len(), local_index, reason = %reason.escape_debug(), "correspondence re-sent; the agent could not bind some entries")
+                    }
+                    None => info!(vm = %vm, "correspondence re-sent"),
+                }
+            }
+            Err(e) => warn!(vm = %vm, error = %e, "re-sending the correspondence failed"),
+        }
+    }
+
+    /// Completes or rolls back everything in flight after a restart, frees VFs whose VM lost
+    /// them, and unplugs devices with vfmap's ids that the database does not hold. Runs before
+    /// the API opens, so no VF is handed out before its state is known.
+    pub async fn recover(&self) -> Result<(), EngineError> {
+        let (vms, held): (Vec<VmSpec>, Vec<Assignment>) = {
+            let s = self.lock();
+            (
+                s.pool.vms().cloned().collect(),
+                s.pool.assignments().cloned().collect(),
+            )
+        };
+        for vm in vms {
+            self.adapters.channel.watch(&vm);
+            let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
+            let plugged = match self.adapters.hypervisor.plugged(&vm).await {
+                Ok(ids) => ids,
+                // Only a VM that is certainly not running has nothing plugged; anything less
+                // certain (a timeout, a permission error) must not free a VF that may be in use.
+                Err(HypervisorError::NotRunning { .. }) => Vec::new(),
+                Err(e) => {
+                    warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
+                    self.defer_cleanups(&vm, &mine, &e.to_string()).await;
+                    continue;
+                }
+            };
+            self.remove_orphans(&vm, &plugged).await;
+            for a in mine {
+                let is_plugged = plugged.contains(&device_id(a.global_index));
+                let decision = plan_recovery(a.state, is_plugged);
+                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
+                let outcome = match decision {
+                    Recovery::Keep => Ok(()),
+                    Recovery::RollBack => self
+                        .roll_back(
+                            &vm,
+                            a,
+                            is_plugged,
+                            "the daemon restarted during the attach".into(),
+                        )
+                        .await
+                        .map(drop),
+                    Recovery::FinishRelease => self.finish_release(&vm, a, false, is_plugged).await,
+                    Recovery::Lost => self
+                        .roll_back(
+                            &vm,
+                            a,
+                            false,
+                            "the VM no longer has the device (restarted?)".into(),
+                        )
+                        .await
+                        .map(drop),
+                };
+                if let Err(reason) = outcome {
+                    warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
+                }
+            }
+        }
+        Ok(())
+    }
+}

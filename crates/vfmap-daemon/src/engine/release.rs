@@ -1,0 +1,134 @@
+//! VM registration and release: the agent unbinds, the hypervisor unplugs, the VF is reset,
+//! rebound to its host driver and freed.
+
+use super::*;
+
+impl Engine {
+    /// Registers a VM.
+    pub async fn add_vm(&self, spec: VmSpec) -> Result<VmView, EngineError> {
+        let name = spec.name.to_string();
+        self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_add_vm(spec)?)]))
+            .await?;
+        info!(vm = %name, "VM registered");
+        if let Ok(spec) = self.vm_spec(&name) {
+            self.adapters.channel.watch(&spec);
+        }
+        self.vm_view(&name)
+    }
+
+    /// Releases everything a VM holds, then forgets it.
+    pub async fn remove_vm(&self, name: &str) -> Result<usize, EngineError> {
+        let spec = self.vm_spec(name)?;
+        let held: Vec<Assignment> = self
+            .lock()
+            .pool
+            .assignments_of(&spec.name)
+            .cloned()
+            .collect();
+        if let Some(busy) = held.iter().find(|a| a.state.is_attaching()) {
+            return Err(PoolError::Busy {
+                vm: name.to_owned(),
+                local_index: busy.local_index,
+                state: busy.state.as_str(),
+            }
+            .into());
+        }
+        for a in &held {
+            self.detach(name, a.local_index).await?;
+        }
+        self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_remove_vm(name)?)]))
+            .await?;
+        self.adapters.channel.forget(name);
+        info!(vm = %name, released = held.len(), "VM removed");
+        Ok(held.len())
+    }
+
+    /// Releases a VM's local index: the agent unbinds, the hypervisor unplugs, the VF is reset
+    /// and rebound to its host driver, then freed. A release that failed half-way is retried.
+    pub async fn detach(&self, vm: &str, local_index: u32) -> Result<(), EngineError> {
+        let spec = self.vm_spec(vm)?;
+        let current = self
+            .lock()
+            .pool
+            .at_local_index(&spec.name, local_index)
+            .cloned()
+            .ok_or_else(|| PoolError::NoSuchLocalIndex {
+                vm: vm.to_owned(),
+                local_index,
+            })?;
+        // One release at a time per VF: the background cleanup retries hold the same claim.
+        let Some(_claim) = self.claim(current.global_index) else {
+            return Err(PoolError::Busy {
+                vm: vm.to_owned(),
+                local_index,
+                state: "being cleaned up",
+            }
+            .into());
+        };
+        if current.state != AssignState::Releasing {
+            self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_release(vm, local_index)?)]))
+                .await?;
+            info!(vm = %vm, local_index, vf = %current.location, state = "releasing", "assignment state");
+            failpoint("releasing");
+        }
+        self.finish_release(&spec, &current, true, true)
+            .await
+            .map_err(|reason| EngineError::DetachFailed {
+                vm: vm.to_owned(),
+                local_index,
+                reason,
+            })
+    }
+
+    /// Agent unbinds (best effort), unplug (when `unplug`), reset, rebind the host driver, free.
+    pub(super) async fn finish_release(
+        &self,
+        vm: &VmSpec,
+        a: &Assignment,
+        tell_agent: bool,
+        unplug: bool,
+    ) -> Result<(), String> {
+        if tell_agent {
+            // The agent unbinds the driver before the device goes; an absent agent must not
+            // block the release, so this is best effort.
+            let remaining: Vec<Entry> = self
+                .entries(vm)
+                .into_iter()
+                .filter(|e| e.local_index != a.local_index)
+                .collect();
+            if let Err(e) = self
+                .adapters
+                .channel
+                .apply(vm, remaining, self.adapters.agent_deadline)
+                .await
+            {
+                warn!(vm = %vm.name, error = %e, "could not tell the agent before unplugging");
+            }
+        }
+        if unplug && let Err(e) = self.unplug(vm, a).await {
+            let e = e.to_string();
+            self.cleanup_failed(a.global_index, &e);
+            return Err(e);
+        }
+        failpoint("unplugged");
+        self.reset(a.location).await;
+        let host_driver = self
+            .lock()
+            .pool
+            .vf(a.global_index)
+            .and_then(|v| v.host_driver.clone());
+        if let Some(driver) = host_driver {
+            let host = self.adapters.host.clone();
+            let location = a.location;
+            let rebound = tokio::task::spawn_blocking(move || host.bind(location, &driver)).await;
+            if let Ok(Err(e)) | Err(e) = rebound.map_err(|e| e.to_string()) {
+                warn!(vf = %a.location, error = %e, "rebinding the host driver after release failed");
+            }
+        }
+        self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_free(a.global_index)?)]))
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "released; VF free");
+        Ok(())
+    }
+}
