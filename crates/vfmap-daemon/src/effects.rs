@@ -49,9 +49,14 @@ pub enum HypervisorError {
         /// The hypervisor's words.
         detail: String,
     },
-    /// The hypervisor refused the device.
-    #[error("the hypervisor refused: {0}")]
-    Refused(String),
+    /// The hypervisor refused the command, with its own error class.
+    #[error("the hypervisor refused ({class}): {desc}")]
+    Refused {
+        /// The hypervisor's error class (QMP's `class`, e.g. `GenericError`).
+        class: String,
+        /// Its description.
+        desc: String,
+    },
     /// The hypervisor said something this adapter does not understand.
     #[error("unexpected answer from the hypervisor: {0}")]
     Protocol(String),
@@ -120,12 +125,43 @@ pub trait GuestChannel: Send + Sync {
     fn forget(&self, _vm: &str) {}
 }
 
+/// Host-side VF failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Binding the VF to its host driver failed.
+    #[error("binding {vf} to {driver} failed")]
+    Bind {
+        /// The VF.
+        vf: Bdf,
+        /// The driver.
+        driver: DriverName,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The function-level reset failed.
+    #[error("resetting {vf} failed")]
+    Reset {
+        /// The VF.
+        vf: Bdf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking task running the operation stopped (it panicked or was cancelled).
+    #[error("the host operation on {vf} stopped unexpectedly")]
+    Stopped {
+        /// The VF.
+        vf: Bdf,
+    },
+}
+
 /// Host-side VF operations (sysfs).
 pub trait HostVfs: Send + Sync {
     /// Binds the VF to its host driver (normally vfio-pci) unless it already is.
-    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), String>;
+    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), HostError>;
     /// Resets the VF so the next VM gets it clean; `Ok(false)` when it has no reset method.
-    fn reset(&self, vf: Bdf) -> Result<bool, String>;
+    fn reset(&self, vf: Bdf) -> Result<bool, HostError>;
 }
 
 /// The real host: the sysfs tree the daemon was configured with.
@@ -138,7 +174,7 @@ pub struct SysfsHost {
 }
 
 impl HostVfs for SysfsHost {
-    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), String> {
+    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), HostError> {
         vfmap_sysfs::ensure_bound(
             &self.sysfs,
             &vfmap_sysfs::FileWriter,
@@ -147,11 +183,27 @@ impl HostVfs for SysfsHost {
             driver,
             self.settle,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| HostError::Bind {
+            vf,
+            driver: driver.clone(),
+            source: Box::new(e),
+        })
     }
 
-    fn reset(&self, vf: Bdf) -> Result<bool, String> {
+    fn reset(&self, vf: Bdf) -> Result<bool, HostError> {
         vfmap_sysfs::reset_function(&self.sysfs, &vfmap_sysfs::FileWriter, vf)
-            .map_err(|e| format!("reset of {vf} failed: {e}"))
+            .map_err(|source| HostError::Reset { vf, source })
     }
+}
+
+/// An error with its causes, `outer: cause: cause`, for logs and API messages.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

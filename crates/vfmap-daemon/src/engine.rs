@@ -18,14 +18,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tracing::{info, warn};
-use vfmap_core::protocol::{Answer, Entry, GuestPath};
+use vfmap_core::protocol::{Answer, Entry};
 use vfmap_core::tables::FunctionSummary;
 use vfmap_core::{
-    AssignState, Assignment, Change, GlobalIndex, Pool, PoolError, PoolVf, Recovery, Request,
-    Tables, VmSpec, plan_recovery,
+    AssignState, Assignment, Bdf, Change, DriverName, GlobalIndex, Pool, PoolError, PoolVf,
+    Recovery, Request, Tables, VmSpec, plan_recovery,
 };
 
-use crate::effects::{GuestChannel, HostVfs, Hypervisor, HypervisorError};
+use crate::effects::{
+    ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, chain,
+};
 pub use cleanup::Cleanup;
 pub use views::{CorrespondenceRow, InventoryFunction, InventoryVf, InventoryView, VmView};
 
@@ -45,29 +47,140 @@ pub enum EngineError {
     /// The state database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A side effect failed; the attach was rolled back.
-    #[error("attach of {function:?} to VM {vm:?} failed and was rolled back: {reason}")]
+    /// A step failed; the attach was rolled back.
+    #[error(
+        "attach of {function:?} to VM {vm:?} failed and was rolled back: {}",
+        describe(failures)
+    )]
     AttachFailed {
         /// The VM.
         vm: String,
         /// The function.
         function: String,
-        /// Every reason, one per VF tried.
-        reason: String,
+        /// The VF that failed (the rest of the request was released).
+        failures: Vec<VfFailure>,
     },
-    /// A detach side effect failed; the assignment stays `releasing` and can be retried.
-    #[error("detach of VM {vm:?} local index {local_index} failed (retry the detach): {reason}")]
+    /// A detach step failed; the assignment stays `releasing` and can be retried.
+    #[error("detach of VM {vm:?} local index {local_index} failed (retry the detach)")]
     DetachFailed {
         /// The VM.
         vm: String,
         /// The local index.
         local_index: u32,
         /// Why.
-        reason: String,
+        #[source]
+        error: ReleaseError,
     },
     /// An earlier commit failed; the daemon refuses changes until restarted.
     #[error("the daemon is degraded after a state database failure; restart it to recover")]
     Degraded,
+}
+
+/// What the guest agent answered instead of "bound, with the function's driver".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// Another driver is bound.
+    #[error("the agent bound {bound}, not {wanted}")]
+    WrongDriver {
+        /// What the agent bound.
+        bound: DriverName,
+        /// The function's driver.
+        wanted: DriverName,
+    },
+    /// The agent could not bind it.
+    #[error("the guest agent could not bind {driver}: {reason}")]
+    Failed {
+        /// The function's driver.
+        driver: DriverName,
+        /// The agent's reason, escaped.
+        reason: String,
+    },
+    /// No answer for this entry.
+    #[error("the guest agent did not answer for local index {local_index}")]
+    NoAnswer {
+        /// The entry.
+        local_index: u32,
+    },
+}
+
+/// Why one VF of an attach failed, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The VF's function names no drivers (profiles validate this; a bug if seen).
+    #[error("the VF's function has no drivers")]
+    NoDrivers,
+    /// The local index is past the VM's slots (a bug if seen).
+    #[error("local index past the VM's slots")]
+    NoSlot,
+    /// Binding the host driver failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The guest channel failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The agent answered, but not with success.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Recording the step failed.
+    #[error("recording the step failed")]
+    State(#[source] Box<EngineError>),
+    /// Not tried: another VF of the request failed first.
+    #[error("another VF of the request failed")]
+    Sibling,
+    /// The daemon restarted in the middle (recovery).
+    #[error("the daemon restarted during the attach")]
+    Restarted,
+    /// The VM lost the device (recovery).
+    #[error("the VM no longer has the device (restarted?)")]
+    Lost,
+}
+
+impl StepError {
+    fn state(e: EngineError) -> StepError {
+        StepError::State(Box::new(e))
+    }
+}
+
+/// One VF's failed attach.
+#[derive(Debug)]
+pub struct VfFailure {
+    /// Its local index.
+    pub local_index: u32,
+    /// The VF.
+    pub vf: Bdf,
+    /// The step that failed.
+    pub error: StepError,
+    /// Set when the rollback could not finish: the VF is then `releasing`, not free.
+    pub cleanup: Option<String>,
+}
+
+fn describe(failures: &[VfFailure]) -> String {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|f| {
+            let mut text = format!("{} (VF {}): {}", f.local_index, f.vf, chain(&f.error));
+            if let Some(cleanup) = &f.cleanup {
+                text.push_str("; ");
+                text.push_str(cleanup);
+            }
+            text
+        })
+        .collect();
+    each.join("; ")
+}
+
+/// Why a release did not finish; the assignment stays `releasing`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// The hypervisor did not confirm the unplug.
+    #[error("the unplug failed")]
+    Unplug(#[source] HypervisorError),
+    /// Freeing the VF in the state failed.
+    #[error("freeing the VF failed")]
+    Free(#[source] Box<EngineError>),
 }
 
 /// Test hook: abort the process right after committing this state (`VFMAP_FAILPOINT=<state>`),
@@ -297,13 +410,13 @@ impl Engine {
             })
             .filter_map(|a| {
                 let vf = state.pool.vf(a.global_index)?;
-                let path: GuestPath = state
-                    .details
-                    .get(&a.global_index)?
-                    .guest_path
-                    .as_deref()?
-                    .parse()
-                    .ok()?;
+                let Some(path) = state.details.get(&a.global_index).and_then(|d| d.guest_path)
+                else {
+                    // Plugged without a known guest path: only a damaged database does this,
+                    // and the VM view shows it (`stored_value_error`).
+                    warn!(vm = %vm.name, local_index = a.local_index, "not sent to the agent: its guest path is unknown");
+                    return None;
+                };
                 Some(Entry {
                     local_index: a.local_index,
                     function: a.function.clone(),

@@ -209,7 +209,7 @@ impl Session {
     async fn query_pci(&mut self) -> Result<Value, HypervisorError> {
         match self.execute("query-pci", json!({})).await? {
             Reply::Return(value) => Ok(value),
-            Reply::Error { desc, .. } => Err(HypervisorError::Refused(desc)),
+            Reply::Error { class, desc } => Err(HypervisorError::Refused { class, desc }),
         }
     }
 }
@@ -242,6 +242,32 @@ fn devfn(device: &Value) -> Option<(u8, u8)> {
     let slot = u8::try_from(device.get("slot")?.as_u64()?).ok()?;
     let function = u8::try_from(device.get("function")?.as_u64()?).ok()?;
     (slot <= 0x1f && function <= 7).then_some((slot, function))
+}
+
+/// Whether `slot` is a root port in `query-pci` with nothing behind it.
+pub fn check_slot(answer: &Value, slot: &str) -> Result<(), HypervisorError> {
+    let port = all_devices(answer)
+        .into_iter()
+        .find(|(d, _)| d.get("qdev_id").and_then(Value::as_str) == Some(slot))
+        .map(|(d, _)| d)
+        .filter(|d| d.get("pci_bridge").is_some())
+        .ok_or_else(|| HypervisorError::SlotUnknown {
+            slot: slot.to_owned(),
+        })?;
+    let occupant = port
+        .pointer("/pci_bridge/devices")
+        .and_then(Value::as_array)
+        .and_then(|devices| devices.first());
+    match occupant {
+        None => Ok(()),
+        Some(device) => Err(HypervisorError::SlotOccupied {
+            slot: slot.to_owned(),
+            detail: match device.get("qdev_id").and_then(Value::as_str) {
+                Some(id) if !id.is_empty() => format!("device {id} is plugged there"),
+                _ => "a device without an id is plugged there".into(),
+            },
+        }),
+    }
 }
 
 /// The guest path of device `id` from a `query-pci` answer: its root port's devfn on the root
@@ -288,26 +314,12 @@ impl Hypervisor for Qmp {
             let lock = self.vm_lock(vm);
             let _guard = lock.lock().await;
             let mut session = Session::connect(&vm.qmp_socket, self.timeout).await?;
+            // The slot is checked from QEMU's own device tree first, so an unknown or
+            // occupied slot is told apart structurally, not from the wording of an error.
+            check_slot(&session.query_pci().await?, slot.as_str())?;
             let args = self.template.arguments(vf, device_id, slot.as_str());
             if let Reply::Error { class, desc } = session.execute("device_add", args).await? {
-                let lower = desc.to_lowercase();
-                return Err(
-                    if lower.contains("not found") && lower.contains(slot.as_str()) {
-                        HypervisorError::SlotUnknown {
-                            slot: slot.to_string(),
-                        }
-                    } else if lower.contains("in use")
-                        || lower.contains("occupied")
-                        || lower.contains("duplicate")
-                    {
-                        HypervisorError::SlotOccupied {
-                            slot: slot.to_string(),
-                            detail: desc,
-                        }
-                    } else {
-                        HypervisorError::Refused(format!("{class}: {desc}"))
-                    },
-                );
+                return Err(HypervisorError::Refused { class, desc });
             }
             let answer = session.query_pci().await?;
             guest_path(&answer, device_id).ok_or_else(|| {
@@ -333,9 +345,7 @@ impl Hypervisor for Qmp {
             {
                 Reply::Return(_) => session.wait_event("DEVICE_DELETED", device_id).await,
                 Reply::Error { class, .. } if class == "DeviceNotFound" => Ok(()),
-                Reply::Error { class, desc } => {
-                    Err(HypervisorError::Refused(format!("{class}: {desc}")))
-                }
+                Reply::Error { class, desc } => Err(HypervisorError::Refused { class, desc }),
             }
         })
     }
@@ -379,6 +389,28 @@ mod tests {
         assert!(DeviceTemplate::parse("vfio-pci,host").is_err());
         assert!(DeviceTemplate::parse("vfio-pci,bus=x").is_err());
         assert!(DeviceTemplate::parse("vfio pci").is_err());
+    }
+
+    #[test]
+    fn slots_are_checked_from_the_device_tree() {
+        let answer = json!([{"bus": 0, "devices": [
+            {"bus": 0, "slot": 1, "function": 0, "qdev_id": "nic0"},
+            {"bus": 0, "slot": 3, "function": 0, "qdev_id": "rp0", "pci_bridge": {"bus": {"number": 1}, "devices": []}},
+            {"bus": 0, "slot": 3, "function": 1, "qdev_id": "rp1", "pci_bridge": {"bus": {"number": 2}, "devices": [
+                {"bus": 2, "slot": 0, "function": 0, "qdev_id": "vfmap-vf7"}
+            ]}}
+        ]}]);
+        assert_eq!(check_slot(&answer, "rp0"), Ok(()));
+        assert!(matches!(
+            check_slot(&answer, "rp1"),
+            Err(HypervisorError::SlotOccupied { detail, .. }) if detail.contains("vfmap-vf7")
+        ));
+        for unknown in ["rp9", "nic0"] {
+            assert!(matches!(
+                check_slot(&answer, unknown),
+                Err(HypervisorError::SlotUnknown { .. })
+            ));
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
-use vfmap_core::{AssignState, Assignment, Bdf, Change, FunctionName, GlobalIndex, VmName, VmSpec};
+use vfmap_core::protocol::GuestPath;
+use vfmap_core::{
+    AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, VmName, VmSpec,
+};
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -49,13 +52,17 @@ pub enum StoreError {
 pub struct Detail {
     /// Where the device sits in the guest: root port devfn, then devfn behind it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_path: Option<String>,
+    pub guest_path: Option<GuestPath>,
     /// The guest's address of the device, as the agent reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_bdf: Option<String>,
+    pub guest_bdf: Option<Bdf>,
     /// The driver the agent reports bound (the row's `guest_driver` is the one wanted).
     #[serde(rename = "bound_driver", skip_serializing_if = "Option::is_none")]
-    pub guest_driver: Option<String>,
+    pub guest_driver: Option<DriverName>,
+    /// A stored value that could not be read back (the database was edited or damaged); the
+    /// value is left out above, and said here instead of silently dropped.
+    #[serde(rename = "stored_value_error", skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 /// A failed attach, kept for the API.
@@ -254,11 +261,12 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
                 function: FunctionName::new(&text(4)?).map_err(bad)?,
                 state: AssignState::parse(&text(5)?).ok_or_else(|| bad("state".into()))?,
             };
-            let detail = Detail {
-                guest_path: r.get(6)?,
-                guest_bdf: r.get(7)?,
-                guest_driver: r.get(8)?,
-            };
+            let detail = read_detail(
+                gi,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+            );
             assignments.push((assignment, detail));
         }
     }
@@ -289,6 +297,36 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
         assignments,
         failures,
     })
+}
+
+/// The guest-side columns, typed. A value that does not parse is logged and named in
+/// `unreadable`: the assignment itself still loads (its state is what matters for safety).
+fn read_detail(
+    gi: i64,
+    path: Option<String>,
+    bdf: Option<String>,
+    driver: Option<String>,
+) -> Detail {
+    let mut problems = Vec::new();
+    let mut column = |name: &str, text: Option<String>, ok: bool| match text {
+        Some(text) if !ok => {
+            tracing::error!(vf = gi, column = name, value = %text.escape_debug(), "the state database holds an unreadable value");
+            problems.push(format!("{name} {text:?} is unreadable"));
+        }
+        _ => {}
+    };
+    let guest_path = path.as_deref().and_then(|t| t.parse::<GuestPath>().ok());
+    column("guest_path", path, guest_path.is_some());
+    let guest_bdf = bdf.as_deref().and_then(|t| t.parse::<Bdf>().ok());
+    column("guest_bdf", bdf, guest_bdf.is_some());
+    let guest_driver = driver.as_deref().and_then(|t| DriverName::new(t).ok());
+    column("guest_driver", driver, guest_driver.is_some());
+    Detail {
+        guest_path,
+        guest_bdf,
+        guest_driver,
+        unreadable: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
 }
 
 fn writer(mut conn: Connection, inbox: mpsc::Receiver<Job>) {
@@ -408,7 +446,12 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         Mutation::Detail(global_index, d) => {
             run(
                 "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1",
-                params![global_index, d.guest_path, d.guest_bdf, d.guest_driver],
+                params![
+                    global_index,
+                    d.guest_path.map(|p| p.to_string()),
+                    d.guest_bdf.map(|b| b.to_string()),
+                    d.guest_driver.as_ref().map(DriverName::as_str)
+                ],
             )?;
         }
         Mutation::Failure(f) => {
@@ -522,7 +565,7 @@ mod tests {
             .write(vec![Mutation::Detail(
                 0,
                 Detail {
-                    guest_path: Some("03.0/00.0".into()),
+                    guest_path: Some("03.0/00.0".parse().unwrap()),
                     ..Detail::default()
                 },
             )])
@@ -553,7 +596,11 @@ mod tests {
         assert_eq!(loaded.assignments.len(), 1);
         assert_eq!(loaded.assignments[0].0.state, AssignState::HostBound);
         assert_eq!(
-            loaded.assignments[0].1.guest_path.as_deref(),
+            loaded.assignments[0]
+                .1
+                .guest_path
+                .map(|p| p.to_string())
+                .as_deref(),
             Some("03.0/00.0")
         );
     }

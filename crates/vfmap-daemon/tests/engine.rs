@@ -8,7 +8,7 @@ use std::time::Duration;
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
 use vfmap_core::{Bdf, DriverName, Profiles, Request, SlotId, Tables, VmName, VmSpec};
 use vfmap_daemon::effects::{
-    BoxFuture, ChannelError, GuestChannel, HostVfs, Hypervisor, HypervisorError,
+    BoxFuture, ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError,
 };
 use vfmap_daemon::engine::{Adapters, Engine, EngineError};
 use vfmap_daemon::store::Store;
@@ -147,14 +147,18 @@ struct FakeHost {
 }
 
 impl HostVfs for FakeHost {
-    fn bind(&self, vf: Bdf, _driver: &DriverName) -> Result<(), String> {
+    fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), HostError> {
         if *self.fail_bind.lock().unwrap() {
-            return Err("vfio-pci refused".into());
+            return Err(HostError::Bind {
+                vf,
+                driver: driver.clone(),
+                source: "vfio-pci refused".into(),
+            });
         }
         self.binds.lock().unwrap().push(vf);
         Ok(())
     }
-    fn reset(&self, vf: Bdf) -> Result<bool, String> {
+    fn reset(&self, vf: Bdf) -> Result<bool, HostError> {
         self.resets.lock().unwrap().push(vf);
         Ok(true)
     }
@@ -259,8 +263,14 @@ async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].state, "ready");
     assert_eq!(rows[0].local_index, 0);
-    assert_eq!(rows[0].detail.guest_path.as_deref(), Some("03.0/00.0"));
-    assert_eq!(rows[0].detail.guest_driver.as_deref(), Some("pci-stub"));
+    assert_eq!(
+        rows[0].detail.guest_path.map(|p| p.to_string()).as_deref(),
+        Some("03.0/00.0")
+    );
+    assert_eq!(
+        rows[0].detail.guest_driver.as_ref().map(|d| d.as_str()),
+        Some("pci-stub")
+    );
     let rows = engine.attach(request("web", "compress", 1)).await.unwrap();
     assert_eq!(rows[0].local_index, 1);
     // The agent got the whole correspondence the second time: both entries.

@@ -19,32 +19,28 @@ impl Engine {
         }
         failpoint("reserved");
         let mut done = Vec::new();
-        let mut reasons = Vec::new();
+        let mut failures: Vec<VfFailure> = Vec::new();
         for a in &reserved {
-            if !reasons.is_empty() {
+            if !failures.is_empty() {
                 // All or nothing: once one VF failed, the untried ones are just freed.
-                let _ = self
-                    .roll_back(&spec, a, false, "another VF of the request failed".into())
-                    .await;
+                let _ = self.roll_back(&spec, a, false, StepError::Sibling).await;
                 continue;
             }
             match self.attach_one(&spec, a).await {
                 Ok(()) => done.push(a.clone()),
-                Err(reason) => {
-                    reasons.push(format!("{} (VF {}): {reason}", a.local_index, a.location))
-                }
+                Err(failure) => failures.push(failure),
             }
         }
-        if !reasons.is_empty() {
+        if !failures.is_empty() {
             for a in &done {
                 if let Err(e) = self.detach(spec.name.as_str(), a.local_index).await {
-                    warn!(error = %e, "releasing a sibling of a failed attach");
+                    warn!(error = %chain(&e), "releasing a sibling of a failed attach");
                 }
             }
             return Err(EngineError::AttachFailed {
                 vm: spec.name.to_string(),
                 function: request.function,
-                reason: reasons.join("; "),
+                failures,
             });
         }
         let view = self.vm_view(spec.name.as_str())?;
@@ -55,8 +51,22 @@ impl Engine {
             .collect())
     }
 
-    /// Host bind → plug → send → ready, rolling back on any failure. Returns the reason.
-    pub(super) async fn attach_one(&self, vm: &VmSpec, a: &Assignment) -> Result<(), String> {
+    /// Host bind → plug → send → ready; on any failure, rolls back and says why.
+    pub(super) async fn attach_one(&self, vm: &VmSpec, a: &Assignment) -> Result<(), VfFailure> {
+        // Whether the VF may be in the VM when a step fails: from the device_add on.
+        let mut maybe_plugged = false;
+        match self.attach_steps(vm, a, &mut maybe_plugged).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.roll_back(vm, a, maybe_plugged, error).await),
+        }
+    }
+
+    async fn attach_steps(
+        &self,
+        vm: &VmSpec,
+        a: &Assignment,
+        maybe_plugged: &mut bool,
+    ) -> Result<(), StepError> {
         let (host_driver, guest_driver) = {
             let state = self.lock();
             let vf = state.pool.vf(a.global_index);
@@ -66,142 +76,131 @@ impl Engine {
             )
         };
         let (Some(host_driver), Some(guest_driver)) = (host_driver, guest_driver) else {
-            return self
-                .fail(vm, a, false, "the VF's function has no drivers".into())
-                .await;
+            return Err(StepError::NoDrivers);
         };
         let host = self.adapters.host.clone();
         let location = a.location;
-        let bound = tokio::task::spawn_blocking(move || host.bind(location, &host_driver))
+        tokio::task::spawn_blocking(move || host.bind(location, &host_driver))
             .await
-            .unwrap_or_else(|e| Err(format!("host bind panicked: {e}")));
-        if let Err(reason) = bound {
-            return self.fail(vm, a, false, reason).await;
-        }
-        if let Err(e) = self.set_state(a, AssignState::HostBound, None).await {
-            return self.fail(vm, a, false, e.to_string()).await;
-        }
-        let Some(slot) = vm.slots.get(a.local_index as usize) else {
-            return self
-                .fail(vm, a, false, "local index past the VM's slots".into())
-                .await;
-        };
-        let id = device_id(a.global_index);
-        let path = match self
+            .unwrap_or(Err(HostError::Stopped { vf: location }))?;
+        self.set_state(a, AssignState::HostBound, None)
+            .await
+            .map_err(StepError::state)?;
+        let slot = vm
+            .slots
+            .get(a.local_index as usize)
+            .ok_or(StepError::NoSlot)?;
+        // A failed device_add may still have left the device half-added: unplug to be sure.
+        *maybe_plugged = true;
+        let path = self
             .adapters
             .hypervisor
-            .attach(vm, slot, &id, a.location)
-            .await
-        {
-            Ok(path) => path,
-            // A failed device_add may still have left the device half-added: unplug to be sure.
-            Err(e) => return self.fail(vm, a, true, e.to_string()).await,
-        };
+            .attach(vm, slot, &device_id(a.global_index), a.location)
+            .await?;
         let detail = Detail {
-            guest_path: Some(path.to_string()),
+            guest_path: Some(path),
             ..Detail::default()
         };
         // Plugged and sent in one commit: nothing happens between them, and "sent" is
         // durable before the agent hears anything.
-        if let Err(e) = self
-            .set_states(
-                a,
-                &[AssignState::Plugged, AssignState::Sent],
-                Some(detail.clone()),
-            )
-            .await
-        {
-            return self.fail(vm, a, true, e.to_string()).await;
-        }
-        let answers = match self
+        self.set_states(
+            a,
+            &[AssignState::Plugged, AssignState::Sent],
+            Some(detail.clone()),
+        )
+        .await
+        .map_err(StepError::state)?;
+        let answers = self
             .adapters
             .channel
             .apply(vm, self.entries(vm), self.adapters.agent_deadline)
-            .await
-        {
-            Ok(answers) => answers,
-            Err(e) => return self.fail(vm, a, true, e.to_string()).await,
-        };
-        match answers
+            .await?;
+        let answer = answers
             .into_iter()
-            .find(|x| x.local_index() == a.local_index)
-        {
+            .find(|x| x.local_index() == a.local_index);
+        match answer {
             Some(Answer::Bound {
                 driver, guest_bdf, ..
             }) if driver == guest_driver => {
                 let detail = Detail {
-                    guest_bdf: Some(guest_bdf.to_string()),
-                    guest_driver: Some(driver.to_string()),
+                    guest_bdf: Some(guest_bdf),
+                    guest_driver: Some(driver),
                     ..detail
                 };
-                if let Err(e) = self.set_state(a, AssignState::Ready, Some(detail)).await {
-                    return self.fail(vm, a, true, e.to_string()).await;
-                }
-                Ok(())
+                self.set_state(a, AssignState::Ready, Some(detail))
+                    .await
+                    .map_err(StepError::state)
             }
-            Some(Answer::Bound { driver, .. }) => {
-                let reason = format!("the agent bound {driver}, not {guest_driver}");
-                self.fail(vm, a, true, reason).await
+            Some(Answer::Bound { driver, .. }) => Err(AgentError::WrongDriver {
+                bound: driver,
+                wanted: guest_driver,
             }
-            Some(Answer::Failed { reason, .. }) => {
-                let reason = format!(
-                    "the guest agent could not bind {guest_driver}: {}",
-                    reason.escape_debug()
-                );
-                self.fail(vm, a, true, reason).await
+            .into()),
+            Some(Answer::Failed { reason, .. }) => Err(AgentError::Failed {
+                driver: guest_driver,
+                reason: reason.escape_debug().to_string(),
             }
-            None => {
-                let reason = format!(
-                    "the guest agent did not answer for local index {}",
-                    a.local_index
-                );
-                self.fail(vm, a, true, reason).await
+            .into()),
+            None => Err(AgentError::NoAnswer {
+                local_index: a.local_index,
             }
+            .into()),
         }
     }
 
-    /// Undoes an attach: unplug (when it may be plugged), reset, free. `Ok(reason)` when undone;
-    /// `Err(reason)` when the unplug failed: the VF is then *not* freed (it may still be in the
-    /// VM) and recovery at the next start retries.
+    /// Undoes an attach: unplug (when it may be plugged), reset, free, and records why. When
+    /// the unplug fails, the VF is *not* freed (it may still be in the VM): it becomes a
+    /// release whose cleanup is retried, and the failure says so.
     pub(super) async fn roll_back(
         &self,
         vm: &VmSpec,
         a: &Assignment,
         maybe_plugged: bool,
-        reason: String,
-    ) -> Result<String, String> {
+        error: StepError,
+    ) -> VfFailure {
+        let reason = chain(&error);
         warn!(vm = %vm.name, local_index = a.local_index, vf = %a.location, reason = %reason, "attach failed; rolling back");
+        let mut failure = VfFailure {
+            local_index: a.local_index,
+            vf: a.location,
+            error,
+            cleanup: None,
+        };
         if maybe_plugged && let Err(e) = self.unplug(vm, a).await {
             // The VF may still be in the VM: it must not go back to the pool, but it must not
             // stay pinned either. It becomes a release whose cleanup is retried.
-            self.abandon(vm, a, &e.to_string()).await;
-            return Err(format!(
-                "{reason}; the rollback could not unplug the VF ({e}); vfmap retries the cleanup automatically (see `vfmap status {}`)",
+            let e = chain(&e);
+            self.abandon(vm, a, &e).await;
+            failure.cleanup = Some(format!(
+                "the rollback could not unplug the VF ({e}); vfmap retries the cleanup automatically (see `vfmap status {}`)",
                 vm.name
             ));
+            return failure;
         }
         self.reset(a.location).await;
-        let failure = Failure {
+        let record = Failure {
             vm: vm.name.to_string(),
             local_index: a.local_index,
             function: a.function.to_string(),
             global_index: a.global_index,
-            reason: reason.clone(),
+            reason,
             at: crate::store::now(),
         };
         let freed = self
             .commit(|s| {
                 Ok(vec![
                     Mutation::Pool(s.pool.plan_free(a.global_index)?),
-                    Mutation::Failure(failure),
+                    Mutation::Failure(record),
                 ])
             })
             .await;
-        if let Err(e) = freed {
-            return Err(format!("{reason}; then freeing the VF failed: {e}"));
+        match freed {
+            Ok(_) => {
+                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "rolled back; VF free")
+            }
+            Err(e) => failure.cleanup = Some(format!("then freeing the VF failed: {}", chain(&e))),
         }
-        info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "rolled back; VF free");
-        Ok(reason)
+        failure
     }
 
     /// Unplugs a VF. A VM that is certainly not running holds nothing: that counts as done.
@@ -217,28 +216,14 @@ impl Engine {
         }
     }
 
-    /// Rolls back and returns the reason the attach failed, whether or not the rollback completed.
-    pub(super) async fn fail(
-        &self,
-        vm: &VmSpec,
-        a: &Assignment,
-        maybe_plugged: bool,
-        reason: String,
-    ) -> Result<(), String> {
-        Err(self
-            .roll_back(vm, a, maybe_plugged, reason)
-            .await
-            .unwrap_or_else(|incomplete| incomplete))
-    }
-
     pub(super) async fn reset(&self, vf: vfmap_core::Bdf) {
         let host = self.adapters.host.clone();
         let result = tokio::task::spawn_blocking(move || host.reset(vf)).await;
         match result {
             Ok(Ok(true)) => info!(vf = %vf, "VF reset"),
             Ok(Ok(false)) => info!(vf = %vf, "VF has no reset method"),
-            Ok(Err(e)) => warn!(vf = %vf, error = %e, "VF reset failed"),
-            Err(e) => warn!(vf = %vf, error = %e, "VF reset panicked"),
+            Ok(Err(e)) => warn!(vf = %vf, error = %chain(&e), "VF reset failed"),
+            Err(e) => warn!(vf = %vf, error = %e, "VF reset stopped unexpectedly"),
         }
     }
 }

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use vfmap_core::{Assignment, GlobalIndex, VmSpec};
 
 use super::{Engine, Mutation, device_id};
+use crate::effects::chain;
 
 /// Automatic attempts before a cleanup waits for an operator.
 pub const MAX_ATTEMPTS: u32 = 8;
@@ -112,7 +113,9 @@ impl Engine {
                 info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = "releasing", "assignment state");
                 self.cleanup_failed(a.global_index, error);
             }
-            Err(e) => warn!(vf = %a.location, error = %e, "could not mark the VF for cleanup"),
+            Err(e) => {
+                warn!(vf = %a.location, error = %chain(&e), "could not mark the VF for cleanup")
+            }
         }
     }
 
@@ -165,7 +168,7 @@ impl Engine {
         let Some((vm, a)) = found else { return };
         info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "retrying the cleanup");
         if let Err(e) = self.finish_release(&vm, &a, false, true).await {
-            warn!(vm = %vm.name, vf = %a.location, error = %e, "cleanup attempt failed");
+            warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "cleanup attempt failed");
         }
     }
 
@@ -185,7 +188,7 @@ impl Engine {
             match self.adapters.hypervisor.detach(vm, id).await {
                 Ok(()) => info!(vm = %vm.name, device = %id, "orphan removed"),
                 Err(e) => {
-                    warn!(vm = %vm.name, device = %id, error = %e, "could not remove the orphan; retrying at the next check")
+                    warn!(vm = %vm.name, device = %id, error = %chain(&e), "could not remove the orphan; retrying at the next check")
                 }
             }
         }

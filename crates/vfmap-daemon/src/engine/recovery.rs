@@ -58,8 +58,9 @@ impl Engine {
                 // certain (a timeout, a permission error) must not free a VF that may be in use.
                 Err(HypervisorError::NotRunning { .. }) => Vec::new(),
                 Err(e) => {
+                    let e = chain(&e);
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
-                    self.defer_cleanups(&vm, &mine, &e.to_string()).await;
+                    self.defer_cleanups(&vm, &mine, &e).await;
                     continue;
                 }
             };
@@ -68,29 +69,21 @@ impl Engine {
                 let is_plugged = plugged.contains(&device_id(a.global_index));
                 let decision = plan_recovery(a.state, is_plugged);
                 info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
-                let outcome = match decision {
-                    Recovery::Keep => Ok(()),
-                    Recovery::RollBack => self
-                        .roll_back(
-                            &vm,
-                            a,
-                            is_plugged,
-                            "the daemon restarted during the attach".into(),
-                        )
+                let incomplete = match decision {
+                    Recovery::Keep => None,
+                    Recovery::RollBack => {
+                        self.roll_back(&vm, a, is_plugged, StepError::Restarted)
+                            .await
+                            .cleanup
+                    }
+                    Recovery::FinishRelease => self
+                        .finish_release(&vm, a, false, is_plugged)
                         .await
-                        .map(drop),
-                    Recovery::FinishRelease => self.finish_release(&vm, a, false, is_plugged).await,
-                    Recovery::Lost => self
-                        .roll_back(
-                            &vm,
-                            a,
-                            false,
-                            "the VM no longer has the device (restarted?)".into(),
-                        )
-                        .await
-                        .map(drop),
+                        .err()
+                        .map(|e| chain(&e)),
+                    Recovery::Lost => self.roll_back(&vm, a, false, StepError::Lost).await.cleanup,
                 };
-                if let Err(reason) = outcome {
+                if let Some(reason) = incomplete {
                     warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
                 }
             }

@@ -73,10 +73,10 @@ impl Engine {
         }
         self.finish_release(&spec, &current, true, true)
             .await
-            .map_err(|reason| EngineError::DetachFailed {
+            .map_err(|error| EngineError::DetachFailed {
                 vm: vm.to_owned(),
                 local_index,
-                reason,
+                error,
             })
     }
 
@@ -87,7 +87,7 @@ impl Engine {
         a: &Assignment,
         tell_agent: bool,
         unplug: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReleaseError> {
         if tell_agent {
             // The agent unbinds the driver before the device goes; an absent agent must not
             // block the release, so this is best effort.
@@ -102,13 +102,12 @@ impl Engine {
                 .apply(vm, remaining, self.adapters.agent_deadline)
                 .await
             {
-                warn!(vm = %vm.name, error = %e, "could not tell the agent before unplugging");
+                warn!(vm = %vm.name, error = %chain(&e), "could not tell the agent before unplugging");
             }
         }
         if unplug && let Err(e) = self.unplug(vm, a).await {
-            let e = e.to_string();
-            self.cleanup_failed(a.global_index, &e);
-            return Err(e);
+            self.cleanup_failed(a.global_index, &chain(&e));
+            return Err(ReleaseError::Unplug(e));
         }
         failpoint("unplugged");
         self.reset(a.location).await;
@@ -120,14 +119,16 @@ impl Engine {
         if let Some(driver) = host_driver {
             let host = self.adapters.host.clone();
             let location = a.location;
-            let rebound = tokio::task::spawn_blocking(move || host.bind(location, &driver)).await;
-            if let Ok(Err(e)) | Err(e) = rebound.map_err(|e| e.to_string()) {
-                warn!(vf = %a.location, error = %e, "rebinding the host driver after release failed");
+            let rebound = tokio::task::spawn_blocking(move || host.bind(location, &driver))
+                .await
+                .unwrap_or(Err(HostError::Stopped { vf: location }));
+            if let Err(e) = rebound {
+                warn!(vf = %a.location, error = %chain(&e), "rebinding the host driver after release failed");
             }
         }
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_free(a.global_index)?)]))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReleaseError::Free(Box::new(e)))?;
         info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "released; VF free");
         Ok(())
     }
