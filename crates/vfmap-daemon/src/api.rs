@@ -1,19 +1,23 @@
 //! The HTTP/JSON API (see `docs/openapi.yaml`), served on a unix socket.
 //!
-//! Requests are parsed into typed values first (unknown fields are errors); every error is
-//! `{"error": {"code", "message", ...}}` with a status from [`status_of`].
+//! Requests are parsed into typed values first (unknown fields are errors); every error, the
+//! router's own included (unknown path, method not allowed, undecodable path, body too large or
+//! not JSON), is `{"error": {"code", "message", ...}}` with a status from [`status_of`] or
+//! [`ApiError`]'s constructors. `scripts/schema-fuzz` checks all of it against the document.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use vfmap_core::{Bdf, PoolError, Request, VmName, VmSpec};
+use vfmap_core::{Bdf, FunctionName, PoolError, Request, VmName, VmSpec};
 
 use crate::engine::{Engine, EngineError};
 
@@ -82,9 +86,53 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// The largest request body accepted, in bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
-        ApiError::bad_request(format!("malformed body: {}", rejection.body_text()))
+        let (code, message) = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                "payload_too_large",
+                format!("the body is larger than {BODY_LIMIT} bytes"),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                "unsupported_media_type",
+                "the body must be JSON, sent with `Content-Type: application/json`".to_owned(),
+            ),
+            // Syntax errors (400) and bodies of the wrong shape (axum's 422) alike.
+            _ => {
+                return ApiError::bad_request(format!("malformed body: {}", rejection.body_text()));
+            }
+        };
+        ApiError {
+            status: rejection.status(),
+            code,
+            message,
+            extra: None,
+        }
+    }
+}
+
+/// [`Path`], whose rejections (a segment that does not percent-decode to UTF-8, or that does not
+/// parse) are the API's `bad_request` envelope instead of axum's plain-text answer.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "bad path: {}",
+                rejection.body_text()
+            ))),
+        }
     }
 }
 
@@ -122,9 +170,9 @@ fn one() -> u32 {
 /// Parses an attach into a request value (no side effects; tested without sockets).
 pub fn parse_attach(vm: &str, body: AttachBody) -> Result<Request, ApiError> {
     let vm = VmName::new(vm).map_err(ApiError::bad_request)?;
-    if body.function.is_empty() || body.function.len() > 64 {
-        return Err(ApiError::bad_request("`function` must be 1-64 characters"));
-    }
+    // A name no profile could define is a bad request, not an unknown function.
+    FunctionName::new(&body.function)
+        .map_err(|e| ApiError::bad_request(format!("`function`: {e}")))?;
     Ok(Request {
         vm,
         function: body.function,
@@ -174,18 +222,24 @@ async fn add_vm(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn get_vm(State(engine): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_vm(
+    State(engine): Shared,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(engine.vm_view(&name)?).into_response())
 }
 
-async fn remove_vm(State(engine): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn remove_vm(
+    State(engine): Shared,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
     let released = engine.remove_vm(&name).await?;
     Ok(Json(json!({ "removed": name, "released": released })).into_response())
 }
 
 async fn attach(
     State(engine): Shared,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Json<AttachBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
@@ -196,13 +250,24 @@ async fn attach(
 
 async fn detach(
     State(engine): Shared,
-    Path((name, local)): Path<(String, String)>,
+    ApiPath((name, local)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let local_index: u32 = local
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{local:?} is not a local index")))?;
+    let local_index = parse_local_index(&local)?;
     engine.detach(&name, local_index).await?;
     Ok(Json(json!({ "vm": name, "detached": local_index })).into_response())
+}
+
+/// A local index as the path gives it: decimal digits only (no sign, no spaces), and a slot
+/// position (a VM has at most 256 slots).
+pub fn parse_local_index(text: &str) -> Result<u32, ApiError> {
+    let bad = || ApiError::bad_request(format!("{text:?} is not a local index (0-255)"));
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match text.parse::<u32>() {
+        Ok(index) if index <= 255 => Ok(index),
+        _ => Err(bad()),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -210,6 +275,19 @@ async fn not_found() -> ApiError {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
         message: "no such endpoint; see docs/openapi.yaml".into(),
+        extra: None,
+    }
+}
+
+/// A known path with a method it does not have; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: format!(
+            "{method} is not allowed on {}; the `Allow` header lists what is",
+            uri.path()
+        ),
         extra: None,
     }
 }
@@ -223,8 +301,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/devices/{local_index}", delete(detach))
+        // After the routes: it applies to the routes registered before it.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(engine)
 }
 
@@ -269,7 +349,7 @@ mod tests {
                 EngineError::AttachFailed {
                     vm: "v".into(),
                     function: "f".into(),
-                    reason: "r".into(),
+                    failures: Vec::new(),
                 },
                 502,
                 "attach_failed",
@@ -307,5 +387,290 @@ mod tests {
         assert!(parse_attach("web", body).is_err());
         let body: AttachBody = serde_json::from_str(r#"{"function":"crypto"}"#).unwrap();
         assert!(parse_attach("../etc", body).is_err());
+        // Only names a profile could define: the rest is a bad request, not an unknown function.
+        for bad in ["Crypto", "-x", "a b", &"a".repeat(65)] {
+            let body = AttachBody {
+                function: bad.to_owned(),
+                count: 1,
+                numa_node: None,
+                pf: None,
+            };
+            let error = parse_attach("web", body).unwrap_err();
+            assert_eq!(
+                (error.status, error.code),
+                (StatusCode::BAD_REQUEST, "bad_request")
+            );
+        }
+    }
+
+    #[test]
+    fn local_indexes_are_plain_decimal_slot_positions() {
+        assert_eq!(parse_local_index("0").unwrap(), 0);
+        assert_eq!(parse_local_index("007").unwrap(), 7);
+        assert_eq!(parse_local_index("255").unwrap(), 255);
+        for bad in ["", "+1", "-1", " 1", "1.0", "0x1", "256", "4294967296", "٣"] {
+            let error = parse_local_index(bad).unwrap_err();
+            assert_eq!(
+                (error.status, error.code),
+                (StatusCode::BAD_REQUEST, "bad_request")
+            );
+        }
+    }
+}
+
+/// The router's own answers, through the real router on a unix socket with raw HTTP/1.1: the
+/// error envelope must hold where axum would answer on its own (empty 405s, plain-text 400s).
+#[cfg(test)]
+mod http_tests {
+    use std::path::{Path as FsPath, PathBuf};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vfmap_core::protocol::{Answer, Entry, GuestPath};
+    use vfmap_core::{DriverName, Profiles, SlotId, Tables};
+
+    use super::*;
+    use crate::effects::{
+        BoxFuture, ChannelError, GuestChannel, HostVfs, Hypervisor, HypervisorError,
+    };
+    use crate::engine::Adapters;
+    use crate::store::Store;
+
+    /// Side effects of a host whose VMs are all stopped (none is reached by these tests).
+    struct Offline;
+
+    impl Hypervisor for Offline {
+        fn attach<'a>(
+            &'a self,
+            vm: &'a VmSpec,
+            _: &'a SlotId,
+            _: &'a str,
+            _: Bdf,
+        ) -> BoxFuture<'a, Result<GuestPath, HypervisorError>> {
+            Box::pin(async move { Err(stopped(vm)) })
+        }
+        fn detach<'a>(
+            &'a self,
+            vm: &'a VmSpec,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<(), HypervisorError>> {
+            Box::pin(async move { Err(stopped(vm)) })
+        }
+        fn plugged<'a>(
+            &'a self,
+            vm: &'a VmSpec,
+        ) -> BoxFuture<'a, Result<Vec<String>, HypervisorError>> {
+            Box::pin(async move { Err(stopped(vm)) })
+        }
+    }
+
+    fn stopped(vm: &VmSpec) -> HypervisorError {
+        HypervisorError::NotRunning {
+            socket: vm.qmp_socket.clone(),
+            reason: "test".into(),
+        }
+    }
+
+    impl GuestChannel for Offline {
+        fn apply<'a>(
+            &'a self,
+            vm: &'a VmSpec,
+            _: Vec<Entry>,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>> {
+            Box::pin(async move {
+                Err(ChannelError::Unreachable {
+                    socket: vm.agent_socket.clone(),
+                    reason: "test".into(),
+                })
+            })
+        }
+    }
+
+    impl HostVfs for Offline {
+        fn bind(&self, vf: Bdf, _: &DriverName) -> Result<(), crate::effects::HostError> {
+            Err(crate::effects::HostError::Stopped { vf })
+        }
+        fn reset(&self, vf: Bdf) -> Result<bool, crate::effects::HostError> {
+            Err(crate::effects::HostError::Stopped { vf })
+        }
+    }
+
+    const PROFILE: &str = r#"
+[[card]]
+name = "acme"
+vendor = "0x1b36"
+device = "0x0010"
+num_vfs = 2
+[[card.function]]
+name = "crypto"
+vfs = "0-1"
+guest_driver = "pci-stub"
+"#;
+
+    /// The real router and engine (store in a tempdir) serving a unix socket.
+    async fn serve() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = vfmap_testkit::SysfsTree::new(dir.path().join("sys"));
+        tree.add_pf(&vfmap_testkit::PfSpec::nvme("0000:01:00.0", 2).with_vfs(2));
+        let facts = vfmap_sysfs::Sysfs::new(tree.root()).discover().unwrap();
+        let tables = Tables::build(&facts, &Profiles::parse(PROFILE, "p.toml").unwrap());
+        let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
+        let (store, loaded) = Store::open(&dir.path().join("state.db"), &locations).unwrap();
+        let offline = Arc::new(Offline);
+        let adapters = Adapters {
+            hypervisor: offline.clone(),
+            channel: offline.clone(),
+            host: offline,
+            agent_deadline: Duration::from_millis(100),
+        };
+        let engine = Engine::new(tables, store, loaded, adapters).await.unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(Arc::new(engine))).await });
+        (dir, socket)
+    }
+
+    struct Answered {
+        status: u16,
+        /// The header lines, lowercased.
+        head: String,
+        body: Value,
+    }
+
+    /// Sends one raw request (so paths and methods are exactly as written) and reads the answer.
+    async fn send(
+        socket: &FsPath,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> Answered {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: vfmap\r\nConnection: close\r\n{headers}\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // The server may answer (413) before reading the body; the answer is what matters.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        Answered {
+            status: head[9..12].parse().unwrap(),
+            head: head.to_ascii_lowercase(),
+            body: serde_json::from_str(body).unwrap_or(Value::Null),
+        }
+    }
+
+    /// The answer is `status` with the JSON error envelope carrying `code`.
+    fn assert_envelope(answer: &Answered, status: u16, code: &str) {
+        assert_eq!(answer.status, status, "{}\n{}", answer.head, answer.body);
+        assert!(
+            answer.head.contains("\r\ncontent-type: application/json"),
+            "{}",
+            answer.head
+        );
+        assert_eq!(answer.body["error"]["code"], code, "{}", answer.body);
+        assert!(
+            answer.body["error"]["message"].is_string(),
+            "{}",
+            answer.body
+        );
+    }
+
+    const VM: &str = r#"{"name":"web","qmp_socket":"/run/web.qmp","agent_socket":"/run/web.agent","slots":["rp0"]}"#;
+    const JSON: &str = "Content-Type: application/json\r\n";
+
+    #[tokio::test]
+    async fn unsupported_methods_get_405_with_allow_and_the_envelope() {
+        let (_dir, socket) = serve().await;
+        for (method, path, allow) in [
+            ("PUT", "/v1/vms", "allow: get,head,post"),
+            ("POST", "/v1/health", "allow: get,head"),
+            ("PATCH", "/v1/vms/web", "allow: get,head,delete"),
+            ("GET", "/v1/vms/web/attach", "allow: post"),
+            ("GET", "/v1/vms/web/devices/0", "allow: delete"),
+            ("TRACE", "/v1/inventory", "allow: get,head"),
+        ] {
+            let answer = send(&socket, method, path, "", "").await;
+            assert_envelope(&answer, 405, "method_not_allowed");
+            assert!(
+                answer.head.contains(allow),
+                "{method} {path}: {}",
+                answer.head
+            );
+        }
+        // An unknown path is still a 404, whatever the method.
+        assert_envelope(
+            &send(&socket, "PUT", "/v1/nothing", "", "").await,
+            404,
+            "not_found",
+        );
+    }
+
+    #[tokio::test]
+    async fn undecodable_or_unparsable_paths_are_bad_requests() {
+        let (_dir, socket) = serve().await;
+        let created = send(&socket, "POST", "/v1/vms", JSON, VM).await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let attach = r#"{"function":"crypto"}"#;
+        for (method, path, body) in [
+            ("GET", "/v1/vms/%FF", ""),       // not UTF-8 once decoded
+            ("DELETE", "/v1/vms/%C3%28", ""), // an invalid UTF-8 sequence
+            ("POST", "/v1/vms/%FFweb/attach", attach),
+            ("DELETE", "/v1/vms/web/devices/%FF", ""),
+            ("DELETE", "/v1/vms/web/devices/+0", ""),
+            ("DELETE", "/v1/vms/web/devices/256", ""),
+            ("DELETE", "/v1/vms/web/devices/x", ""),
+        ] {
+            let headers = if body.is_empty() { "" } else { JSON };
+            let answer = send(&socket, method, path, headers, body).await;
+            assert_envelope(&answer, 400, "bad_request");
+        }
+        // A well-formed name that is not registered is a 404; the VM is still there.
+        assert_envelope(
+            &send(&socket, "GET", "/v1/vms/db", "", "").await,
+            404,
+            "unknown_vm",
+        );
+        assert_eq!(
+            send(&socket, "GET", "/v1/vms/web", "", "").await.status,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_not_json_or_too_large_get_their_statuses_and_the_envelope() {
+        let (_dir, socket) = serve().await;
+        let missing = send(&socket, "POST", "/v1/vms", "", VM).await;
+        assert_envelope(&missing, 415, "unsupported_media_type");
+        let text = send(
+            &socket,
+            "POST",
+            "/v1/vms",
+            "Content-Type: text/plain\r\n",
+            VM,
+        )
+        .await;
+        assert_envelope(&text, 415, "unsupported_media_type");
+        let huge = format!(r#"{{"name":"{}"}}"#, "a".repeat(BODY_LIMIT));
+        let answer = send(&socket, "POST", "/v1/vms/web/attach", JSON, &huge).await;
+        assert_envelope(&answer, 413, "payload_too_large");
+        assert_envelope(
+            &send(&socket, "POST", "/v1/vms", JSON, "{").await,
+            400,
+            "bad_request",
+        );
+        let unknown = r#"{"name":"web","colour":1}"#;
+        let answer = send(&socket, "POST", "/v1/vms", JSON, unknown).await;
+        assert_envelope(&answer, 400, "bad_request");
+        // Nothing was registered by any of them.
+        assert_eq!(
+            send(&socket, "GET", "/v1/vms", "", "").await.body,
+            json!({"vms": []})
+        );
     }
 }
