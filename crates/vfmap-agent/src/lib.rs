@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
-use vfmap_core::{Bdf, DriverName, PciId};
+use vfmap_core::{Bdf, DriverName, LocalIndex, PciId};
 use vfmap_sysfs::{ModuleLoader, Sysfs, SysfsWriter};
 
 /// The agent's configuration (`/etc/vfmap/agent.toml`, every field optional).
@@ -85,7 +85,7 @@ pub enum AgentError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     /// Local index.
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// Function.
     pub function: String,
     /// Guest path.
@@ -107,7 +107,7 @@ pub struct Agent<'a> {
     sysfs: Sysfs,
     writer: &'a dyn SysfsWriter,
     loader: &'a dyn ModuleLoader,
-    current: BTreeMap<u32, Published>,
+    current: BTreeMap<LocalIndex, Published>,
     timings: Vec<Timing>,
 }
 
@@ -115,7 +115,7 @@ pub struct Agent<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// The entry.
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// From receiving the correspondence until the device was found (hot-plug seen).
     pub device: Duration,
     /// From finding the device until its driver was bound and verified.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use vfmap_agent::{Agent, Config, Published, find_port};
 use vfmap_core::protocol::{Answer, Entry};
-use vfmap_core::{Bdf, DriverName, FunctionName, PciId};
+use vfmap_core::{Bdf, DriverName, FunctionName, LocalIndex, PciId};
 use vfmap_testkit::{FakeKernel, FakeModules, SysfsTree};
 
 struct Guest {
@@ -69,7 +69,7 @@ impl Guest {
 
 fn entry(local_index: u32, function: &str, driver: &str, path: &str) -> Entry {
     Entry {
-        local_index,
+        local_index: LocalIndex::new(local_index),
         function: FunctionName::new(function).unwrap(),
         guest_driver: DriverName::new(driver).unwrap(),
         path: path.parse().unwrap(),
@@ -98,7 +98,7 @@ fn same_id_devices_get_their_functions_drivers() {
                 local_index,
                 driver,
                 guest_bdf,
-            } => (*local_index, driver.to_string(), guest_bdf.to_string()),
+            } => (local_index.get(), driver.to_string(), guest_bdf.to_string()),
             Answer::Failed { reason, .. } => panic!("{reason}"),
         })
         .collect();
@@ -114,7 +114,7 @@ fn same_id_devices_get_their_functions_drivers() {
         agent
             .timings()
             .iter()
-            .map(|t| t.local_index)
+            .map(|t| t.local_index.get())
             .collect::<Vec<_>>(),
         [0, 1, 2]
     );

@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod facts;
+pub mod index;
 pub mod lines;
 mod names;
 pub mod plan;
@@ -16,10 +17,11 @@ pub mod tables;
 
 pub use addr::{AddrError, Bdf, PciId};
 pub use facts::{HostFacts, PfFacts, Problem, VfFacts};
+pub use index::{GlobalIndex, LocalIndex};
 pub use plan::{PlanError, Step, plan_binds, plan_sriov};
 pub use pool::{
     AssignState, Assignment, Change, Pool, PoolError, PoolVf, Recovery, Request, SlotId, VmName,
     VmSpec, plan_recovery,
 };
 pub use profile::{DriverName, FunctionDesc, FunctionName, ProfileError, Profiles};
-pub use tables::{GlobalIndex, Tables, VfEntry};
+pub use tables::{Tables, VfEntry};

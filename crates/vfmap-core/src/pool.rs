@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{Bdf, PciId};
+use crate::index::{GlobalIndex, LocalIndex};
 use crate::profile::{DriverName, FunctionName};
-use crate::tables::GlobalIndex;
 
 /// A VM's name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -169,7 +169,7 @@ pub struct Assignment {
     /// The VM.
     pub vm: VmName,
     /// Where the VF sits in the VM: slot `local_index` of the VM's slots.
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// The function it serves.
     pub function: FunctionName,
     /// Where the assignment is in its life.
@@ -256,7 +256,7 @@ pub enum PoolError {
         /// The VM.
         vm: String,
         /// The local index.
-        local_index: u32,
+        local_index: LocalIndex,
     },
     /// The assignment is in the middle of another operation.
     #[error("VM {vm:?} local index {local_index} is busy ({state}); retry when it is ready")]
@@ -264,7 +264,7 @@ pub enum PoolError {
         /// The VM.
         vm: String,
         /// The local index.
-        local_index: u32,
+        local_index: LocalIndex,
         /// Its state.
         state: &'static str,
     },
@@ -323,7 +323,7 @@ pub enum Change {
         /// Who holds it now: the store frees it only from this holder.
         vm: VmName,
         /// At which local index.
-        local_index: u32,
+        local_index: LocalIndex,
     },
 }
 
@@ -333,7 +333,7 @@ pub struct Pool {
     vfs: BTreeMap<GlobalIndex, PoolVf>,
     vms: BTreeMap<VmName, VmSpec>,
     assignments: BTreeMap<GlobalIndex, Assignment>,
-    by_slot: BTreeMap<(VmName, u32), GlobalIndex>,
+    by_slot: BTreeMap<(VmName, LocalIndex), GlobalIndex>,
 }
 
 impl Pool {
@@ -384,12 +384,12 @@ impl Pool {
         vm: &'a VmName,
     ) -> impl Iterator<Item = &'a Assignment> + 'a {
         self.by_slot
-            .range((vm.clone(), 0)..=(vm.clone(), u32::MAX))
+            .range((vm.clone(), LocalIndex::new(0))..=(vm.clone(), LocalIndex::new(u32::MAX)))
             .filter_map(|(_, gi)| self.assignments.get(gi))
     }
 
     /// The assignment at a VM's local index.
-    pub fn at_local_index(&self, vm: &VmName, local_index: u32) -> Option<&Assignment> {
+    pub fn at_local_index(&self, vm: &VmName, local_index: LocalIndex) -> Option<&Assignment> {
         let gi = self.by_slot.get(&(vm.clone(), local_index))?;
         self.assignments.get(gi)
     }
@@ -495,7 +495,8 @@ impl Pool {
                 filter,
             });
         }
-        let free_slots: Vec<u32> = (0..vm.slots.len() as u32)
+        let free_slots: Vec<LocalIndex> = (0..vm.slots.len() as u32)
+            .map(LocalIndex::new)
             .filter(|i| !self.by_slot.contains_key(&(vm.name.clone(), *i)))
             .take(wanted)
             .collect();
@@ -628,7 +629,7 @@ impl Pool {
     }
 
     /// Validates starting the release of a VM's local index.
-    pub fn plan_release(&self, vm: &str, local_index: u32) -> Result<Change, PoolError> {
+    pub fn plan_release(&self, vm: &str, local_index: LocalIndex) -> Result<Change, PoolError> {
         let spec = self
             .vm(vm)
             .ok_or_else(|| PoolError::UnknownVm(vm.to_owned()))?;
@@ -746,7 +747,7 @@ impl Pool {
                 .vms
                 .get(&a.vm)
                 .ok_or(format!("VF {gi} assigned to unknown VM {}", a.vm))?;
-            if a.local_index as usize >= vm.slots.len() {
+            if a.local_index.slot() >= vm.slots.len() {
                 return Err(format!(
                     "VF {gi} at local index {} past the VM's slots",
                     a.local_index
@@ -804,6 +805,12 @@ pub fn plan_recovery(state: AssignState, plugged: bool) -> Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    const fn g(i: u32) -> GlobalIndex {
+        GlobalIndex::new(i)
+    }
+    const fn l(i: u32) -> LocalIndex {
+        LocalIndex::new(i)
+    }
     use proptest::prelude::*;
 
     fn name(s: &str) -> VmName {
@@ -813,7 +820,7 @@ mod tests {
     fn vf(gi: u32, pf: u8, function: &str, numa: i32) -> PoolVf {
         let pf_bdf = Bdf::new(0, pf, 0, 0).unwrap();
         PoolVf {
-            global_index: gi,
+            global_index: g(gi),
             location: pf_bdf.vf_location(1, 1, gi as u16).unwrap(),
             pf: pf_bdf,
             function: Some(FunctionName::new(function).unwrap()),
@@ -888,7 +895,7 @@ mod tests {
         let got = reserved(&change);
         assert_eq!(
             got.iter().map(|a| a.local_index).collect::<Vec<_>>(),
-            [0, 1]
+            [l(0), l(1)]
         );
         let pfs: Vec<u8> = got
             .iter()
@@ -911,7 +918,7 @@ mod tests {
         ];
         let pool = pool_with(vfs, vec![vm("web", 4, Some(0))]);
         let change = pool.plan_reserve(&request("web", "crypto", 1)).unwrap();
-        assert_eq!(reserved(&change)[0].global_index, 0);
+        assert_eq!(reserved(&change)[0].global_index, g(0));
         let mut on_node_1 = request("web", "crypto", 3);
         on_node_1.numa_node = Some(1);
         let err = pool.plan_reserve(&on_node_1).unwrap_err();
@@ -923,7 +930,7 @@ mod tests {
         on_pf.pf = Some(Bdf::new(0, 2, 0, 0).unwrap());
         assert_eq!(
             reserved(&pool.plan_reserve(&on_pf).unwrap())[0].global_index,
-            1
+            g(1)
         );
     }
 
@@ -966,35 +973,35 @@ mod tests {
         let change = pool.plan_reserve(&request("web", "crypto", 1)).unwrap();
         pool.apply(&change);
         assert!(matches!(
-            pool.plan_release("web", 0),
+            pool.plan_release("web", l(0)),
             Err(PoolError::Busy {
                 state: "reserved",
                 ..
             })
         ));
-        assert!(pool.plan_set_state(0, AssignState::Plugged).is_err());
+        assert!(pool.plan_set_state(g(0), AssignState::Plugged).is_err());
         for state in [
             AssignState::HostBound,
             AssignState::Plugged,
             AssignState::Sent,
             AssignState::Ready,
         ] {
-            let change = pool.plan_set_state(0, state).unwrap();
+            let change = pool.plan_set_state(g(0), state).unwrap();
             pool.apply(&change);
         }
-        assert!(pool.plan_set_state(0, AssignState::Sent).is_err());
+        assert!(pool.plan_set_state(g(0), AssignState::Sent).is_err());
         assert!(matches!(
             pool.plan_remove_vm("web"),
             Err(PoolError::VmHoldsVfs { count: 1, .. })
         ));
-        let change = pool.plan_release("web", 0).unwrap();
+        let change = pool.plan_release("web", l(0)).unwrap();
         pool.apply(&change);
-        let change = pool.plan_free(0).unwrap();
+        let change = pool.plan_free(g(0)).unwrap();
         pool.apply(&change);
         assert_eq!(pool.free_count("crypto"), 1);
         assert!(pool.plan_remove_vm("web").is_ok());
         assert!(matches!(
-            pool.plan_release("web", 1),
+            pool.plan_release("web", l(1)),
             Err(PoolError::NoSuchLocalIndex { .. })
         ));
     }
@@ -1028,10 +1035,10 @@ mod tests {
     fn restore_rejects_what_breaks_invariants() {
         let mut pool = Pool::new(vec![vf(0, 1, "crypto", 0), vf(1, 1, "crypto", 0)]);
         let a = |gi: u32, local: u32, v: &str| Assignment {
-            global_index: gi,
+            global_index: g(gi),
             location: pool_vf_location(gi),
             vm: name(v),
-            local_index: local,
+            local_index: l(local),
             function: FunctionName::new("crypto").unwrap(),
             state: AssignState::Ready,
         };
@@ -1160,7 +1167,7 @@ mod tests {
                         Some(gi) => pool.plan_free(gi),
                         None => continue,
                     },
-                    Op::Release { vm, local } => pool.plan_release(VMS[vm], local),
+                    Op::Release { vm, local } => pool.plan_release(VMS[vm], l(local)),
                     Op::Finish { pick } => match nth_assignment(&pool, pick, |a| a.state == AssignState::Releasing) {
                         Some(gi) => pool.plan_free(gi),
                         None => continue,
@@ -1172,7 +1179,7 @@ mod tests {
                         let mut reloaded = Pool::new(pool.vfs().cloned().collect::<Vec<_>>());
                         prop_assert!(reloaded.restore(vms, held).is_empty());
                         for a in reloaded.assignments().cloned().collect::<Vec<_>>() {
-                            let plugged = plugged_mask & (1 << a.global_index) != 0;
+                            let plugged = plugged_mask & (1 << a.global_index.get()) != 0;
                             if plan_recovery(a.state, plugged) != Recovery::Keep {
                                 let change = reloaded.plan_free(a.global_index).unwrap();
                                 reloaded.apply(&change);

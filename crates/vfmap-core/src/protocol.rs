@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{Bdf, PciId};
+use crate::index::LocalIndex;
 use crate::profile::{DriverName, FunctionName};
 
 /// Protocol version.
@@ -93,7 +94,7 @@ impl<'de> Deserialize<'de> for GuestPath {
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     /// The local index (the slot's position in the VM's slot list).
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// The function.
     pub function: FunctionName,
     /// The driver to bind.
@@ -115,7 +116,7 @@ pub enum Answer {
     /// The function's driver is bound.
     Bound {
         /// The local index.
-        local_index: u32,
+        local_index: LocalIndex,
         /// The driver bound.
         driver: DriverName,
         /// The device's address in the guest.
@@ -124,7 +125,7 @@ pub enum Answer {
     /// It could not be done.
     Failed {
         /// The local index.
-        local_index: u32,
+        local_index: LocalIndex,
         /// Why, for people.
         reason: String,
     },
@@ -132,7 +133,7 @@ pub enum Answer {
 
 impl Answer {
     /// The entry this answers.
-    pub fn local_index(&self) -> u32 {
+    pub fn local_index(&self) -> LocalIndex {
         match self {
             Answer::Bound { local_index, .. } | Answer::Failed { local_index, .. } => *local_index,
         }
@@ -266,7 +267,7 @@ pub fn parse_guest_message(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
                 )));
             }
             for answer in entries {
-                if answer.local_index() as usize >= MAX_ENTRIES {
+                if answer.local_index().slot() >= MAX_ENTRIES {
                     return Err(ProtocolError::Invalid(format!(
                         "local index {} out of range",
                         answer.local_index()
@@ -346,7 +347,7 @@ mod tests {
             v: 1,
             id: 7,
             entries: vec![Entry {
-                local_index: 0,
+                local_index: LocalIndex::new(0),
                 function: FunctionName::new("crypto").unwrap(),
                 guest_driver: DriverName::new("pci-stub").unwrap(),
                 path: "03.0/00.0".parse().unwrap(),

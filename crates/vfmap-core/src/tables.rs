@@ -15,8 +15,7 @@ use crate::addr::{Bdf, PciId};
 use crate::facts::{HostFacts, Problem};
 use crate::profile::{DriverName, FunctionDesc, FunctionName, Profiles};
 
-/// A dense, deterministic index over all VFs of a host.
-pub type GlobalIndex = u32;
+pub use crate::index::{GlobalIndex, Numbering};
 
 /// One row of both tables, plus what an operator wants to see beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -96,8 +95,10 @@ pub struct Tables {
     pub functions: Vec<FunctionSummary>,
     /// SR-IOV PFs, by location.
     pub pfs: Vec<PfEntry>,
-    /// Every VF, by global index (`vfs[i].global_index == i`).
+    /// Every VF, sorted by global index (dense from 0 while provisional).
     pub vfs: Vec<VfEntry>,
+    /// Whether the global indexes are the stored ones.
+    pub numbering: Numbering,
     /// Per-device problems from discovery and from applying the profiles.
     pub problems: Vec<Problem>,
 }
@@ -145,7 +146,8 @@ impl Tables {
             for vf in pf_vfs {
                 let desc: Option<&FunctionDesc> = card.and_then(|c| c.function_of(vf.vf_index));
                 vfs.push(VfEntry {
-                    global_index: GlobalIndex::try_from(vfs.len()).unwrap_or(GlobalIndex::MAX),
+                    // Provisional until `renumber` applies the stored numbering.
+                    global_index: GlobalIndex::new(u32::try_from(vfs.len()).unwrap_or(u32::MAX)),
                     function: desc.map(|d| d.name.clone()),
                     location: vf.location,
                     pf: pf.location,
@@ -183,18 +185,41 @@ impl Tables {
             functions,
             pfs,
             vfs,
+            numbering: Numbering::Provisional,
             problems,
         }
     }
 
-    /// T1: the function of global index `index`; `None` when unassigned or out of range.
+    /// Applies the stored numbering (see [`crate::index::number`]): VFs already known keep
+    /// their indexes, new ones come after the highest. Returns the new (index, location) pairs
+    /// to store. `vfs` stays sorted by global index.
+    pub fn renumber(&mut self, known: &[(GlobalIndex, Bdf)]) -> Vec<(GlobalIndex, Bdf)> {
+        let present: Vec<Bdf> = self.vfs.iter().map(|v| v.location).collect();
+        let (indexes, added) = crate::index::number(&present, known);
+        for (vf, index) in self.vfs.iter_mut().zip(indexes) {
+            vf.global_index = index;
+        }
+        self.vfs.sort_by_key(|v| v.global_index);
+        self.numbering = Numbering::Stored;
+        added
+    }
+
+    fn vf(&self, index: GlobalIndex) -> Option<&VfEntry> {
+        let at = self
+            .vfs
+            .binary_search_by_key(&index, |v| v.global_index)
+            .ok()?;
+        self.vfs.get(at)
+    }
+
+    /// T1: the function of global index `index`; `None` when unassigned or unknown.
     pub fn function_of(&self, index: GlobalIndex) -> Option<&FunctionName> {
-        self.vfs.get(index as usize)?.function.as_ref()
+        self.vf(index)?.function.as_ref()
     }
 
     /// T2: the host location of global index `index`.
     pub fn location_of(&self, index: GlobalIndex) -> Option<Bdf> {
-        self.vfs.get(index as usize).map(|v| v.location)
+        self.vf(index).map(|v| v.location)
     }
 
     /// The global indexes of VFs carrying `function`, ascending.
@@ -308,15 +333,31 @@ guest_driver = "igbvf"
         let t = Tables::build(&facts, &profiles);
         assert_eq!(t.vfs.len(), 8);
         for (i, vf) in t.vfs.iter().enumerate() {
-            assert_eq!(vf.global_index as usize, i);
+            assert_eq!(vf.global_index.get() as usize, i);
         }
-        assert_eq!(t.location_of(0).unwrap().to_string(), "0000:01:00.1");
-        assert_eq!(t.location_of(4).unwrap().to_string(), "0000:82:00.1");
-        assert_eq!(t.function_of(1).unwrap().as_str(), "crypto");
-        assert_eq!(t.function_of(2), None, "VF 2 is unassigned");
-        assert_eq!(t.function_of(3).unwrap().as_str(), "net");
-        assert_eq!(t.function_of(99), None);
-        assert_eq!(t.indexes_of("crypto").collect::<Vec<_>>(), vec![0, 1, 4, 5]);
+        assert_eq!(
+            t.location_of(GlobalIndex::new(0)).unwrap().to_string(),
+            "0000:01:00.1"
+        );
+        assert_eq!(
+            t.location_of(GlobalIndex::new(4)).unwrap().to_string(),
+            "0000:82:00.1"
+        );
+        assert_eq!(
+            t.function_of(GlobalIndex::new(1)).unwrap().as_str(),
+            "crypto"
+        );
+        assert_eq!(
+            t.function_of(GlobalIndex::new(2)),
+            None,
+            "VF 2 is unassigned"
+        );
+        assert_eq!(t.function_of(GlobalIndex::new(3)).unwrap().as_str(), "net");
+        assert_eq!(t.function_of(GlobalIndex::new(99)), None);
+        assert_eq!(
+            t.indexes_of("crypto").collect::<Vec<_>>(),
+            [0, 1, 4, 5].map(GlobalIndex::new)
+        );
         let crypto = t
             .functions
             .iter()

@@ -81,10 +81,10 @@ impl GuestChannel for Instant0 {
 }
 
 impl HostVfs for Instant0 {
-    fn bind(&self, _: Bdf, _: &DriverName) -> Result<(), String> {
+    fn bind(&self, _: Bdf, _: &DriverName) -> Result<(), vfmap_daemon::effects::HostError> {
         Ok(())
     }
-    fn reset(&self, _: Bdf) -> Result<bool, String> {
+    fn reset(&self, _: Bdf) -> Result<bool, vfmap_daemon::effects::HostError> {
         Ok(true)
     }
 }

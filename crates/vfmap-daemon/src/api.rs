@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use vfmap_core::{Bdf, FunctionName, PoolError, Request, VmName, VmSpec};
+use vfmap_core::{Bdf, FunctionName, LocalIndex, PoolError, Request, VmName, VmSpec};
 
 use crate::engine::{Engine, EngineError};
 
@@ -259,14 +259,12 @@ async fn detach(
 
 /// A local index as the path gives it: decimal digits only (no sign, no spaces), and a slot
 /// position (a VM has at most 256 slots).
-pub fn parse_local_index(text: &str) -> Result<u32, ApiError> {
-    let bad = || ApiError::bad_request(format!("{text:?} is not a local index (0-255)"));
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match text.parse::<u32>() {
-        Ok(index) if index <= 255 => Ok(index),
-        _ => Err(bad()),
+pub fn parse_local_index(text: &str) -> Result<LocalIndex, ApiError> {
+    match text.parse::<LocalIndex>() {
+        Ok(index) if index.slot() < vfmap_core::protocol::MAX_ENTRIES => Ok(index),
+        _ => Err(ApiError::bad_request(format!(
+            "{text:?} is not a local index (0-255)"
+        ))),
     }
 }
 
@@ -405,9 +403,9 @@ mod tests {
 
     #[test]
     fn local_indexes_are_plain_decimal_slot_positions() {
-        assert_eq!(parse_local_index("0").unwrap(), 0);
-        assert_eq!(parse_local_index("007").unwrap(), 7);
-        assert_eq!(parse_local_index("255").unwrap(), 255);
+        assert_eq!(parse_local_index("0").unwrap(), LocalIndex::new(0));
+        assert_eq!(parse_local_index("007").unwrap(), LocalIndex::new(7));
+        assert_eq!(parse_local_index("255").unwrap(), LocalIndex::new(255));
         for bad in ["", "+1", "-1", " 1", "1.0", "0x1", "256", "4294967296", "٣"] {
             let error = parse_local_index(bad).unwrap_err();
             assert_eq!(

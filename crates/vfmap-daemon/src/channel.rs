@@ -23,10 +23,10 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
-use vfmap_core::VmSpec;
 use vfmap_core::protocol::{
     Answer, Entry, GuestMessage, HostMessage, MAX_LINE, VERSION, parse_guest_message, to_line,
 };
+use vfmap_core::{LocalIndex, VmSpec};
 
 use crate::effects::{BoxFuture, ChannelError, GuestChannel};
 use crate::lines::{Line, LineReader};
@@ -50,7 +50,7 @@ type Reply = oneshot::Sender<Result<Vec<Answer>, ChannelError>>;
 struct Request {
     id: u64,
     line: Vec<u8>,
-    sent: BTreeSet<u32>,
+    sent: BTreeSet<LocalIndex>,
     deadline: Instant,
     reply: Reply,
 }
@@ -58,7 +58,7 @@ struct Request {
 /// A request written to the guest, waiting for its answer until its deadline.
 struct Pending {
     reply: Reply,
-    sent: BTreeSet<u32>,
+    sent: BTreeSet<LocalIndex>,
     deadline: Instant,
 }
 

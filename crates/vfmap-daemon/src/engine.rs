@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use vfmap_core::protocol::{Answer, Entry};
 use vfmap_core::tables::FunctionSummary;
 use vfmap_core::{
-    AssignState, Assignment, Bdf, Change, DriverName, GlobalIndex, Pool, PoolError, PoolVf,
-    Recovery, Request, Tables, VmSpec, plan_recovery,
+    AssignState, Assignment, Bdf, Change, DriverName, GlobalIndex, LocalIndex, Pool, PoolError,
+    PoolVf, Recovery, Request, Tables, VmSpec, plan_recovery,
 };
 
 use crate::effects::{
@@ -66,7 +66,7 @@ pub enum EngineError {
         /// The VM.
         vm: String,
         /// The local index.
-        local_index: u32,
+        local_index: LocalIndex,
         /// Why.
         #[source]
         error: ReleaseError,
@@ -99,7 +99,7 @@ pub enum AgentError {
     #[error("the guest agent did not answer for local index {local_index}")]
     NoAnswer {
         /// The entry.
-        local_index: u32,
+        local_index: LocalIndex,
     },
 }
 
@@ -148,7 +148,7 @@ impl StepError {
 #[derive(Debug)]
 pub struct VfFailure {
     /// Its local index.
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// The VF.
     pub vf: Bdf,
     /// The step that failed.
@@ -300,7 +300,7 @@ impl Engine {
             degraded: AtomicBool::new(false),
         };
         for (a, why) in rejected {
-            warn!(vf = a.global_index, vm = %a.vm, why = %why, "dropping a stored assignment");
+            warn!(vf = %a.global_index, vm = %a.vm, why = %why, "dropping a stored assignment");
             engine
                 .store
                 .write(vec![Mutation::Pool(Change::Free {
@@ -382,7 +382,7 @@ impl Engine {
         })
         .await?;
         for state in states {
-            info!(vm = %a.vm, local_index = a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
+            info!(vm = %a.vm, local_index = %a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
             failpoint(state.as_str());
         }
         Ok(())
@@ -414,7 +414,7 @@ impl Engine {
                 else {
                     // Plugged without a known guest path: only a damaged database does this,
                     // and the VM view shows it (`stored_value_error`).
-                    warn!(vm = %vm.name, local_index = a.local_index, "not sent to the agent: its guest path is unknown");
+                    warn!(vm = %vm.name, local_index = %a.local_index, "not sent to the agent: its guest path is unknown");
                     return None;
                 };
                 Some(Entry {

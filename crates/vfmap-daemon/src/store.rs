@@ -13,7 +13,8 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use vfmap_core::protocol::GuestPath;
 use vfmap_core::{
-    AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, VmName, VmSpec,
+    AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, LocalIndex,
+    VmName, VmSpec,
 };
 
 /// Storage failures.
@@ -71,7 +72,7 @@ pub struct Failure {
     /// The VM.
     pub vm: String,
     /// The local index it would have had.
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// The function requested.
     pub function: String,
     /// The VF tried.
@@ -202,34 +203,53 @@ impl Store {
     }
 }
 
+/// The stored numbering: global index → location, for every VF ever numbered.
+fn read_known(conn: &Connection) -> Result<Vec<(GlobalIndex, Bdf)>, StoreError> {
+    let mut known = Vec::new();
+    let mut stmt = conn.prepare("SELECT global_index, location FROM vfs ORDER BY global_index")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    for row in rows {
+        let (gi, location) = row?;
+        let gi = u32::try_from(gi)
+            .map(GlobalIndex::new)
+            .map_err(|_| bad_row("vfs", format!("index {gi}")))?;
+        let location = location
+            .parse()
+            .map_err(|e| bad_row("vfs", format!("{e}")))?;
+        known.push((gi, location));
+    }
+    Ok(known)
+}
+
+/// The stored numbering of the database at `path`, read-only (the offline inventory uses
+/// it; a running daemon may hold the database meanwhile).
+pub fn read_numbering(path: &Path) -> Result<Vec<(GlobalIndex, Bdf)>, StoreError> {
+    let open = || {
+        rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    };
+    let conn = open().map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    read_known(&conn)
+}
+
 fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> {
     let tx = conn.transaction()?;
-    let mut known: Vec<(GlobalIndex, Bdf)> = Vec::new();
-    {
-        let mut stmt =
-            tx.prepare("SELECT global_index, location FROM vfs ORDER BY global_index")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (gi, location) = row?;
-            let gi =
-                GlobalIndex::try_from(gi).map_err(|_| bad_row("vfs", format!("index {gi}")))?;
-            let location = location
-                .parse()
-                .map_err(|e| bad_row("vfs", format!("{e}")))?;
-            known.push((gi, location));
-        }
-    }
-    let mut next = known.iter().map(|(gi, _)| gi + 1).max().unwrap_or(0);
+    let mut known = read_known(&tx)?;
+    // The one numbering (shared with the offline inventory): new VFs after the highest.
+    let (_, added) = vfmap_core::index::number(locations, &known);
     {
         let mut insert = tx.prepare("INSERT INTO vfs (global_index, location) VALUES (?1, ?2)")?;
-        for location in locations {
-            if !known.iter().any(|(_, l)| l == location) {
-                insert.execute(params![next, location.to_string()])?;
-                known.push((next, *location));
-                next += 1;
-            }
+        for (gi, location) in &added {
+            insert.execute(params![gi.get(), location.to_string()])?;
         }
     }
+    known.extend(added);
     let mut vms = Vec::new();
     {
         let mut stmt = tx.prepare("SELECT name, spec FROM vms ORDER BY name")?;
@@ -253,10 +273,13 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
             let text = |i: usize| -> Result<String, StoreError> { Ok(r.get::<_, String>(i)?) };
             let bad = |what: String| bad_row("assignments", format!("VF {gi}: {what}"));
             let assignment = Assignment {
-                global_index: GlobalIndex::try_from(gi).map_err(|_| bad("index".into()))?,
+                global_index: u32::try_from(gi)
+                    .map(GlobalIndex::new)
+                    .map_err(|_| bad("index".into()))?,
                 location: text(1)?.parse().map_err(|e| bad(format!("{e}")))?,
                 vm: VmName::new(&text(2)?).map_err(bad)?,
                 local_index: u32::try_from(r.get::<_, i64>(3)?)
+                    .map(LocalIndex::new)
                     .map_err(|_| bad("local index".into()))?,
                 function: FunctionName::new(&text(4)?).map_err(bad)?,
                 state: AssignState::parse(&text(5)?).ok_or_else(|| bad("state".into()))?,
@@ -278,9 +301,9 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
         let rows = stmt.query_map([], |r| {
             Ok(Failure {
                 vm: r.get(0)?,
-                local_index: r.get(1)?,
+                local_index: LocalIndex::new(r.get(1)?),
                 function: r.get(2)?,
-                global_index: r.get(3)?,
+                global_index: GlobalIndex::new(r.get(3)?),
                 reason: r.get(4)?,
                 at: r.get::<_, i64>(5)?.max(0) as u64,
             })
@@ -405,10 +428,10 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
                     "INSERT INTO assignments (global_index, location, vm, local_index, function, state)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![
-                        a.global_index,
+                        a.global_index.get(),
                         a.location.to_string(),
                         a.vm.as_str(),
-                        a.local_index,
+                        a.local_index.get(),
                         a.function.as_str(),
                         a.state.as_str()
                     ],
@@ -424,7 +447,7 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         }) => {
             let n = run(
                 "UPDATE assignments SET state = ?2 WHERE global_index = ?1 AND state = ?3",
-                params![global_index, state.as_str(), from.as_str()],
+                params![global_index.get(), state.as_str(), from.as_str()],
             )?;
             if n != 1 {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
@@ -437,7 +460,7 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         }) => {
             let n = run(
                 "DELETE FROM assignments WHERE global_index = ?1 AND vm = ?2 AND local_index = ?3",
-                params![global_index, vm.as_str(), local_index],
+                params![global_index.get(), vm.as_str(), local_index.get()],
             )?;
             if n != 1 {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
@@ -447,7 +470,7 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             run(
                 "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1",
                 params![
-                    global_index,
+                    global_index.get(),
                     d.guest_path.map(|p| p.to_string()),
                     d.guest_bdf.map(|b| b.to_string()),
                     d.guest_driver.as_ref().map(DriverName::as_str)
@@ -459,9 +482,9 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
                 "INSERT INTO failures (vm, local_index, function, global_index, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     f.vm,
-                    f.local_index,
+                    f.local_index.get(),
                     f.function,
-                    f.global_index,
+                    f.global_index.get(),
                     f.reason,
                     now()
                 ],
@@ -497,10 +520,10 @@ mod tests {
 
     fn assignment(gi: u32, location: &str, local_index: u32) -> Assignment {
         Assignment {
-            global_index: gi,
+            global_index: GlobalIndex::new(gi),
             location: bdf(location),
             vm: VmName::new("web").unwrap(),
-            local_index,
+            local_index: LocalIndex::new(local_index),
             function: FunctionName::new("crypto").unwrap(),
             state: AssignState::Reserved,
         }
@@ -513,16 +536,19 @@ mod tests {
         let (_, loaded) = Store::open(&db, &[bdf("0000:01:00.2"), bdf("0000:01:00.1")]).unwrap();
         assert_eq!(
             loaded.indexes,
-            [(0, bdf("0000:01:00.2")), (1, bdf("0000:01:00.1"))]
+            [
+                (GlobalIndex::new(0), bdf("0000:01:00.2")),
+                (GlobalIndex::new(1), bdf("0000:01:00.1"))
+            ]
         );
         // A rescan that lost one VF and found a new one: old indexes stay, the new one is 2.
         let (_, loaded) = Store::open(&db, &[bdf("0000:01:00.3"), bdf("0000:01:00.1")]).unwrap();
         assert_eq!(
             loaded.indexes,
             [
-                (0, bdf("0000:01:00.2")),
-                (1, bdf("0000:01:00.1")),
-                (2, bdf("0000:01:00.3"))
+                (GlobalIndex::new(0), bdf("0000:01:00.2")),
+                (GlobalIndex::new(1), bdf("0000:01:00.1")),
+                (GlobalIndex::new(2), bdf("0000:01:00.3"))
             ]
         );
     }
@@ -547,7 +573,7 @@ mod tests {
             .unwrap();
         // Submitted together: the second takes local index 0 again and must fail alone.
         let ok = store.submit(vec![Mutation::Pool(Change::SetState {
-            global_index: 0,
+            global_index: GlobalIndex::new(0),
             from: AssignState::Reserved,
             state: AssignState::HostBound,
         })]);
@@ -563,7 +589,7 @@ mod tests {
         );
         store
             .write(vec![Mutation::Detail(
-                0,
+                GlobalIndex::new(0),
                 Detail {
                     guest_path: Some("03.0/00.0".parse().unwrap()),
                     ..Detail::default()
@@ -574,7 +600,7 @@ mod tests {
         // Writes planned on a stale view change nothing: a state it is not in, another holder.
         let stale = store
             .write(vec![Mutation::Pool(Change::SetState {
-                global_index: 0,
+                global_index: GlobalIndex::new(0),
                 from: AssignState::Reserved,
                 state: AssignState::HostBound,
             })])
@@ -583,9 +609,9 @@ mod tests {
         for (vm_name, local_index) in [("db", 0), ("web", 1)] {
             let freed = store
                 .write(vec![Mutation::Pool(Change::Free {
-                    global_index: 0,
+                    global_index: GlobalIndex::new(0),
                     vm: VmName::new(vm_name).unwrap(),
-                    local_index,
+                    local_index: LocalIndex::new(local_index),
                 })])
                 .await;
             assert!(freed.is_err(), "freed from {vm_name} {local_index}");

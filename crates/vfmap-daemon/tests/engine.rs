@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
-use vfmap_core::{Bdf, DriverName, Profiles, Request, SlotId, Tables, VmName, VmSpec};
+use vfmap_core::{Bdf, DriverName, LocalIndex, Profiles, Request, SlotId, Tables, VmName, VmSpec};
 use vfmap_daemon::effects::{
     BoxFuture, ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError,
 };
@@ -131,7 +131,7 @@ impl GuestChannel for FakeAgent {
                         } else {
                             DriverName::new("nvme").unwrap()
                         },
-                        guest_bdf: Bdf::new(0, e.local_index as u8 + 1, 0, 0).unwrap(),
+                        guest_bdf: Bdf::new(0, e.local_index.get() as u8 + 1, 0, 0).unwrap(),
                     })
                     .collect(),
             })
@@ -262,7 +262,7 @@ async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
     let rows = engine.attach(request("web", "crypto", 1)).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].state, "ready");
-    assert_eq!(rows[0].local_index, 0);
+    assert_eq!(rows[0].local_index.get(), 0);
     assert_eq!(
         rows[0].detail.guest_path.map(|p| p.to_string()).as_deref(),
         Some("03.0/00.0")
@@ -272,16 +272,16 @@ async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
         Some("pci-stub")
     );
     let rows = engine.attach(request("web", "compress", 1)).await.unwrap();
-    assert_eq!(rows[0].local_index, 1);
+    assert_eq!(rows[0].local_index.get(), 1);
     // The agent got the whole correspondence the second time: both entries.
     let last = rig.agent.seen.lock().unwrap().last().unwrap().clone();
     assert_eq!(
-        last.iter().map(|e| e.local_index).collect::<Vec<_>>(),
+        last.iter().map(|e| e.local_index.get()).collect::<Vec<_>>(),
         [0, 1]
     );
     assert_eq!(last[1].guest_driver.as_str(), "uio_pci_generic");
 
-    engine.detach("web", 0).await.unwrap();
+    engine.detach("web", LocalIndex::new(0)).await.unwrap();
     let view = engine.vm_view("web").unwrap();
     assert_eq!(view.correspondence.len(), 1);
     assert_eq!(
@@ -383,7 +383,7 @@ async fn a_failed_unplug_during_rollback_keeps_the_vf_out_of_the_pool_until_clea
     assert!(cleanup.next_retry_at.is_some());
     // Once the hypervisor answers again, a detach (like the automatic retry) frees it.
     *rig.hv.fail_detach.lock().unwrap() = false;
-    engine.detach("web", 0).await.unwrap();
+    engine.detach("web", LocalIndex::new(0)).await.unwrap();
     assert_eq!(free(&engine, "crypto"), 2);
     assert!(engine.vm_view("web").unwrap().correspondence.is_empty());
 }
@@ -416,11 +416,11 @@ async fn requests_are_all_or_nothing_and_errors_change_nothing() {
     ));
     let rows = engine.attach(request("web", "crypto", 2)).await.unwrap();
     assert_eq!(
-        rows.iter().map(|r| r.local_index).collect::<Vec<_>>(),
+        rows.iter().map(|r| r.local_index.get()).collect::<Vec<_>>(),
         [0, 1]
     );
     assert!(matches!(
-        engine.detach("web", 2).await,
+        engine.detach("web", LocalIndex::new(2)).await,
         Err(EngineError::Pool(_))
     ));
     assert_eq!(engine.remove_vm("web").await.unwrap(), 2);
@@ -467,7 +467,7 @@ async fn restart_recovers_in_flight_work_from_the_database() {
     let kept: Vec<(u32, &str)> = view
         .correspondence
         .iter()
-        .map(|r| (r.local_index, r.state))
+        .map(|r| (r.local_index.get(), r.state))
         .collect();
     assert_eq!(
         kept,
@@ -577,7 +577,7 @@ async fn a_restart_that_cannot_ask_the_hypervisor_turns_unfinished_attaches_into
     assert_eq!(row.cleanup.as_ref().map(|c| c.attempts), Some(1));
     // The hypervisor answers again: the operator's detach (or the retry) frees it.
     *rig.hv.plugged_error.lock().unwrap() = None;
-    engine.detach("web", 0).await.unwrap();
+    engine.detach("web", LocalIndex::new(0)).await.unwrap();
     assert_eq!(free(&engine, "crypto"), 2);
 }
 

@@ -37,6 +37,11 @@ enum Command {
     Inventory {
         #[command(flatten)]
         host: HostArgs,
+        /// The daemon's state database, for its stable global indexes (default:
+        /// /var/lib/vfmap/state.db when it exists and --sysfs-root is /sys). Without one, the
+        /// indexes are provisional.
+        #[arg(long, value_name = "FILE")]
+        state_db: Option<PathBuf>,
     },
     /// Make the host match the profiles: VF counts, autoprobe off, each VF bound to its
     /// function's host driver. Idempotent.
@@ -68,7 +73,7 @@ enum Command {
         /// The VM.
         vm: String,
         /// The local index (slot position) to release.
-        local_index: u32,
+        local_index: vfmap_core::LocalIndex,
     },
     /// Show VMs and their correspondence tables (daemon).
     Status {
@@ -174,7 +179,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { vm } => {
             remote::run(&remote(cli.socket)?, remote::Call::Status(vm), cli.json)
         }
-        Command::Inventory { host } => inventory(&host, cli.json),
+        Command::Inventory { host, state_db } => inventory(&host, state_db.as_deref(), cli.json),
         Command::Prepare {
             host,
             dry_run,
@@ -211,10 +216,28 @@ struct InventoryDoc<'a> {
     tables: &'a Tables,
 }
 
-fn inventory(host: &HostArgs, json: bool) -> Result<(), Failure> {
+/// Where the daemon keeps its state database by default.
+const DEFAULT_STATE_DB: &str = "/var/lib/vfmap/state.db";
+
+fn inventory(host: &HostArgs, state_db: Option<&Path>, json: bool) -> Result<(), Failure> {
     let profiles = load_profiles(&host.profiles)?;
     let facts = discover(&host.sysfs_root)?;
-    let tables = Tables::build(&facts, &profiles);
+    let mut tables = Tables::build(&facts, &profiles);
+    // The daemon's numbering, when its database is given or found: the same core function
+    // numbers VFs here and in the daemon, so both show the same global index for a VF.
+    let default = Path::new(DEFAULT_STATE_DB);
+    let db = state_db
+        .or_else(|| (host.sysfs_root == Path::new("/sys") && default.exists()).then_some(default));
+    if let Some(db) = db {
+        let known = vfmap_daemon::store::read_numbering(db).map_err(|e| {
+            Failure::new(
+                exit::BAD_INPUT,
+                "bad_state_db",
+                anyhow::anyhow!("{}", vfmap_daemon::effects::chain(&e)),
+            )
+        })?;
+        tables.renumber(&known);
+    }
     if json {
         print_json(&InventoryDoc {
             sysfs_root: &host.sysfs_root,

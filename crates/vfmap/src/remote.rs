@@ -69,7 +69,7 @@ pub enum Call {
         /// The VM.
         vm: String,
         /// The local index.
-        local_index: u32,
+        local_index: vfmap_core::LocalIndex,
     },
     /// `GET /v1/vms[/{vm}]`
     Status(Option<String>),

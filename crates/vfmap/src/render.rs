@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use vfmap_core::Tables;
+use vfmap_core::index::Numbering;
 
 /// Left-aligned columns sized to their widest cell, two spaces apart.
 struct Table {
@@ -167,6 +168,12 @@ pub fn inventory(tables: &Tables, root: &Path) -> String {
         for p in &tables.problems {
             let _ = writeln!(out, "  {} {}: {}", p.device, p.attribute, p.message);
         }
+    }
+    if tables.numbering == Numbering::Provisional && !tables.vfs.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nGlobal indexes are provisional: no state database was read (give --state-db); the daemon's may differ."
+        );
     }
     out
 }

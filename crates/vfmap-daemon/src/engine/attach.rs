@@ -15,7 +15,7 @@ impl Engine {
             _ => Vec::new(),
         };
         for a in &reserved {
-            info!(vm = %a.vm, local_index = a.local_index, vf = %a.location, function = %a.function, "assignment reserved");
+            info!(vm = %a.vm, local_index = %a.local_index, vf = %a.location, function = %a.function, "assignment reserved");
         }
         failpoint("reserved");
         let mut done = Vec::new();
@@ -88,7 +88,7 @@ impl Engine {
             .map_err(StepError::state)?;
         let slot = vm
             .slots
-            .get(a.local_index as usize)
+            .get(a.local_index.slot())
             .ok_or(StepError::NoSlot)?;
         // A failed device_add may still have left the device half-added: unplug to be sure.
         *maybe_plugged = true;
@@ -159,7 +159,7 @@ impl Engine {
         error: StepError,
     ) -> VfFailure {
         let reason = chain(&error);
-        warn!(vm = %vm.name, local_index = a.local_index, vf = %a.location, reason = %reason, "attach failed; rolling back");
+        warn!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, reason = %reason, "attach failed; rolling back");
         let mut failure = VfFailure {
             local_index: a.local_index,
             vf: a.location,
@@ -196,7 +196,7 @@ impl Engine {
             .await;
         match freed {
             Ok(_) => {
-                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "rolled back; VF free")
+                info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "rolled back; VF free")
             }
             Err(e) => failure.cleanup = Some(format!("then freeing the VF failed: {}", chain(&e))),
         }

@@ -98,7 +98,7 @@ impl Engine {
         }
         let next = Cleanup::after_failure(state.cleanups.get(&global_index), error, Instant::now());
         if next.due.is_none() {
-            error!(vf = global_index, attempts = next.attempts, error = %error, "giving up the automatic cleanup; `vfmap detach` retries it");
+            error!(vf = %global_index, attempts = next.attempts, error = %error, "giving up the automatic cleanup; `vfmap detach` retries it");
         }
         state.cleanups.insert(global_index, next);
     }
@@ -110,7 +110,7 @@ impl Engine {
             .await;
         match abandoned {
             Ok(_) => {
-                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = "releasing", "assignment state");
+                info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = "releasing", "assignment state");
                 self.cleanup_failed(a.global_index, error);
             }
             Err(e) => {
@@ -166,7 +166,7 @@ impl Engine {
                 })
         };
         let Some((vm, a)) = found else { return };
-        info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "retrying the cleanup");
+        info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "retrying the cleanup");
         if let Err(e) = self.finish_release(&vm, &a, false, true).await {
             warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "cleanup attempt failed");
         }
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn only_vfmap_ids_are_orphans() {
-        assert_eq!(vfmap_index("vfmap-vf12"), Some(12));
+        assert_eq!(vfmap_index("vfmap-vf12"), Some(GlobalIndex::new(12)));
         for other in [
             "vfmap-vf",
             "vfmap-vf012",

@@ -17,7 +17,7 @@ impl Engine {
             Ok(answers) => {
                 // One line per re-send, whatever the guest answers: its text is bounded, and
                 // re-sends are coalesced, so a lying agent cannot flood the log.
-                let failed: Vec<(u32, String)> = answers
+                let failed: Vec<(LocalIndex, String)> = answers
                     .into_iter()
                     .filter_map(|a| match a {
                         Answer::Failed {
@@ -29,7 +29,7 @@ impl Engine {
                     .collect();
                 match failed.first() {
                     Some((local_index, reason)) => {
-                        warn!(vm = %vm, failed = failed.len(), local_index, reason = %reason.escape_debug(), "correspondence re-sent; the agent could not bind some entries")
+                        warn!(vm = %vm, failed = failed.len(), local_index = %local_index, reason = %reason.escape_debug(), "correspondence re-sent; the agent could not bind some entries")
                     }
                     None => info!(vm = %vm, "correspondence re-sent"),
                 }
@@ -68,7 +68,7 @@ impl Engine {
             for a in mine {
                 let is_plugged = plugged.contains(&device_id(a.global_index));
                 let decision = plan_recovery(a.state, is_plugged);
-                info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
+                info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
                 let incomplete = match decision {
                     Recovery::Keep => None,
                     Recovery::RollBack => {

@@ -45,7 +45,7 @@ impl Engine {
 
     /// Releases a VM's local index: the agent unbinds, the hypervisor unplugs, the VF is reset
     /// and rebound to its host driver, then freed. A release that failed half-way is retried.
-    pub async fn detach(&self, vm: &str, local_index: u32) -> Result<(), EngineError> {
+    pub async fn detach(&self, vm: &str, local_index: LocalIndex) -> Result<(), EngineError> {
         let spec = self.vm_spec(vm)?;
         let current = self
             .lock()
@@ -68,7 +68,7 @@ impl Engine {
         if current.state != AssignState::Releasing {
             self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_release(vm, local_index)?)]))
                 .await?;
-            info!(vm = %vm, local_index, vf = %current.location, state = "releasing", "assignment state");
+            info!(vm = %vm, local_index = %local_index, vf = %current.location, state = "releasing", "assignment state");
             failpoint("releasing");
         }
         self.finish_release(&spec, &current, true, true)
@@ -129,7 +129,7 @@ impl Engine {
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_free(a.global_index)?)]))
             .await
             .map_err(|e| ReleaseError::Free(Box::new(e)))?;
-        info!(vm = %vm.name, local_index = a.local_index, vf = %a.location, "released; VF free");
+        info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "released; VF free");
         Ok(())
     }
 }

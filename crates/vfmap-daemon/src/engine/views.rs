@@ -6,7 +6,7 @@ use super::*;
 #[derive(Debug, Clone, Serialize)]
 pub struct CorrespondenceRow {
     /// Local index (slot position).
-    pub local_index: u32,
+    pub local_index: LocalIndex,
     /// The slot's id.
     pub slot: String,
     /// The function.
@@ -50,7 +50,7 @@ pub struct InventoryVf {
     /// Holder, if any.
     pub vm: Option<String>,
     /// Local index in the holder.
-    pub local_index: Option<u32>,
+    pub local_index: Option<LocalIndex>,
     /// Assignment state, if assigned.
     pub state: Option<&'static str>,
 }
@@ -78,7 +78,7 @@ struct InventoryVfRef<'a> {
     #[serde(flatten)]
     vf: &'a PoolVf,
     vm: Option<&'a str>,
-    local_index: Option<u32>,
+    local_index: Option<LocalIndex>,
     state: Option<&'static str>,
 }
 
@@ -129,7 +129,7 @@ impl Engine {
                     local_index: a.local_index,
                     slot: spec
                         .slots
-                        .get(a.local_index as usize)
+                        .get(a.local_index.slot())
                         .map(ToString::to_string)
                         .unwrap_or_default(),
                     function: a.function.to_string(),
