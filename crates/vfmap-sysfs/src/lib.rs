@@ -8,6 +8,7 @@ use std::io;
 use std::path::PathBuf;
 
 mod discover;
+pub mod doctor;
 mod prepare;
 
 pub use discover::Sysfs;

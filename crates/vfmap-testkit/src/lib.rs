@@ -460,6 +460,90 @@ impl SysfsTree {
     pub fn remove_iommu_group(&self, bdf: Bdf) {
         fs::remove_file(self.device_link(bdf).join("iommu_group")).expect("remove group link");
     }
+
+    /// The IOMMU group `bdf` is in, from its `iommu_group` link.
+    pub fn iommu_group_of(&self, bdf: Bdf) -> Option<u32> {
+        fs::read_link(self.device_link(bdf).join("iommu_group"))
+            .ok()?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
+    }
+
+    /// Puts `bdf` in IOMMU group `group` (created when missing), as the kernel shows a device
+    /// behind a bridge without ACS: its `iommu_group` link and an entry in the group's
+    /// `devices/`.
+    pub fn set_iommu_group(&self, bdf: Bdf, group: u32) {
+        let root = fs::canonicalize(&self.root).expect("tree root");
+        let dir = fs::canonicalize(self.device_link(bdf)).expect("device dir");
+        let rel = dir.strip_prefix(&root).expect("device under the root");
+        let up = |levels: usize| "../".repeat(levels);
+        let group_dir = self
+            .root
+            .join(format!("kernel/iommu_groups/{group}/devices"));
+        fs::create_dir_all(&group_dir).expect("create group dir");
+        let link = dir.join("iommu_group");
+        let _ = fs::remove_file(&link);
+        symlink(
+            format!(
+                "{}kernel/iommu_groups/{group}",
+                up(rel.components().count())
+            ),
+            link,
+        )
+        .expect("group link");
+        let member = group_dir.join(bdf.to_string());
+        let _ = fs::remove_file(&member);
+        symlink(format!("{}{}", up(4), rel.display()), member).expect("member link");
+    }
+
+    /// An IOMMU that is off (or absent): no device has an `iommu_group` link and
+    /// `kernel/iommu_groups` is empty. With `keep_dir` false the directory is gone too, as on a
+    /// kernel built without IOMMU support.
+    pub fn iommu_off(&self, keep_dir: bool) {
+        for dir in self.device_dirs() {
+            let _ = fs::remove_file(dir.join("iommu_group"));
+        }
+        let groups = self.root.join("kernel/iommu_groups");
+        fs::remove_dir_all(&groups).expect("remove iommu_groups");
+        if keep_dir {
+            fs::create_dir_all(&groups).expect("create iommu_groups");
+        }
+    }
+
+    /// Adds an IOMMU unit under `class/iommu` (a link into `devices/virtual/iommu`). With
+    /// `ecap`, it is an Intel VT-d unit with that extended capability register (bit 3:
+    /// interrupt remapping).
+    pub fn add_iommu_unit(&self, name: &str, ecap: Option<u64>) {
+        let dir = self.root.join("devices/virtual/iommu").join(name);
+        fs::create_dir_all(&dir).expect("create iommu unit");
+        if let Some(ecap) = ecap {
+            fs::create_dir_all(dir.join("intel-iommu")).expect("create intel-iommu");
+            write(&dir.join("intel-iommu/ecap"), &format!("{ecap:x}\n"));
+            write(&dir.join("intel-iommu/cap"), "d2008c40660462\n");
+        }
+        let class = self.root.join("class/iommu");
+        fs::create_dir_all(&class).expect("create class/iommu");
+        symlink(
+            format!("../../devices/virtual/iommu/{name}"),
+            class.join(name),
+        )
+        .expect("iommu class link");
+    }
+
+    /// Shows kernel module `name` as loaded: `module/<name>` (with `-` as `_`, like the
+    /// kernel), with the given parameters.
+    pub fn add_module(&self, name: &str, parameters: &[(&str, &str)]) {
+        let dir = self.root.join("module").join(name.replace('-', "_"));
+        fs::create_dir_all(dir.join("parameters")).expect("create module dir");
+        for (parameter, value) in parameters {
+            write(
+                &dir.join("parameters").join(parameter),
+                &format!("{value}\n"),
+            );
+        }
+    }
 }
 
 /// A [`SysfsWriter`] that reacts like the Linux PCI core, over a [`SysfsTree`].

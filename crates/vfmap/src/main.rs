@@ -2,6 +2,7 @@
 //! host daemon, and drive it.
 
 mod client;
+mod doctor;
 mod remote;
 mod render;
 
@@ -43,6 +44,10 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         state_db: Option<PathBuf>,
     },
+    /// Check the host for pass-through (IOMMU, interrupt remapping, vfio, cards, IOMMU
+    /// groups, drivers; optionally the daemon's paths and a VM): ok / warning / error with the
+    /// fix per check. Read-only; exits 3 when any check is an error.
+    Doctor(doctor::DoctorArgs),
     /// Make the host match the profiles: VF counts, autoprobe off, each VF bound to its
     /// function's host driver. Idempotent.
     Prepare {
@@ -180,6 +185,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             remote::run(&remote(cli.socket)?, remote::Call::Status(vm), cli.json)
         }
         Command::Inventory { host, state_db } => inventory(&host, state_db.as_deref(), cli.json),
+        Command::Doctor(args) => doctor::run(&args, cli.socket.as_deref(), cli.json),
         Command::Prepare {
             host,
             dry_run,

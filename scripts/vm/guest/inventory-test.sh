@@ -9,6 +9,10 @@ section prepare-again vfmap --json prepare --profiles $p
 section inventory vfmap --json inventory --profiles $p
 section inventory-text vfmap inventory --profiles $p
 section dev-vfio ls /dev/vfio
+# `vfmap doctor` on the prepared host must be all green: intel-iommu with interrupt remapping,
+# vfio loaded, the card, its VF count and IOMMU groups, every driver of the profile.
+section doctor vfmap doctor --profiles $p > /tmp/doctor.txt; cat /tmp/doctor.txt
+grep -q '^ready: 0 errors, 0 warnings' /tmp/doctor.txt || { echo "VFMAP-WARN doctor is not all green"; exit 1; }
 cat > /tmp/fewer.toml <<'TOML'
 [[card]]
 name = "qemu-nvme-sriov"
