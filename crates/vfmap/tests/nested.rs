@@ -52,12 +52,12 @@ fn real_vfs_through_vfio_into_a_real_vm_get_their_functions_drivers() {
             .unwrap();
         assert!(status.success(), "building {image} failed");
     }
-    let output = Command::new(root.join("scripts/vm/run-nested-host"))
-        .arg(cache.join("nested.cpio.gz"))
-        .arg("nested")
-        .arg("900")
-        .output()
-        .unwrap();
+    let output = common::Guarded::output(
+        common::Guarded::command(root.join("scripts/vm/run-nested-host"))
+            .arg(cache.join("nested.cpio.gz"))
+            .arg("nested")
+            .arg("900"),
+    );
     let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
     let log = cache.join("nested.console.log");
     std::fs::write(&log, &console).unwrap();

@@ -29,12 +29,12 @@ fn boot_scenario(mode: &str) -> Option<Console> {
         .status()
         .expect("run build-initramfs");
     assert!(status.success(), "build-initramfs failed");
-    let output = Command::new(root.join("scripts/vm/run-sriov-host"))
-        .arg(&initrd)
-        .arg(mode)
-        .arg("300")
-        .output()
-        .expect("run QEMU");
+    let output = common::Guarded::output(
+        common::Guarded::command(root.join("scripts/vm/run-sriov-host"))
+            .arg(&initrd)
+            .arg(mode)
+            .arg("300"),
+    );
     let text = String::from_utf8_lossy(&output.stdout).replace('\r', "");
     let log = cache.join(format!("{mode}.console.log"));
     std::fs::write(&log, &text).expect("save console log");

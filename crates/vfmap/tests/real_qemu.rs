@@ -11,9 +11,10 @@ mod common;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Guarded;
 use serde_json::Value;
 use vfmap_testkit::{PfSpec, SysfsTree};
 
@@ -36,17 +37,6 @@ name = "crypto"
 vfs = "2"
 guest_driver = "pci-stub"
 "#;
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn wait_for(what: &str, log: &Path, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -110,17 +100,15 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
         work.join("vm.agent"),
         work.join("api.sock"),
     );
-    let mut children = Killed(vec![
-        Command::new(root.join("scripts/vm/run-agent-vm"))
+    let _vm = Guarded::spawn(
+        Guarded::command(root.join("scripts/vm/run-agent-vm"))
             .arg(&initrd)
             .arg(&qmp)
             .arg(&channel)
             .arg("300")
             .stdout(std::fs::File::create(&console).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ]);
+            .stderr(Stdio::null()),
+    );
 
     // The host: three "VFs" already prepared, a template that plugs an emulated NVMe per VF.
     let tree = SysfsTree::new(work.join("sys"));
@@ -153,21 +141,21 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
             .append(true)
             .open(&daemon_log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vfmap"))
-            .args(["serve", "--config"])
-            .arg(work.join("vfmap.toml"))
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let daemon = Guarded::spawn(
+            Guarded::command(env!("CARGO_BIN_EXE_vfmap"))
+                .args(["serve", "--config"])
+                .arg(work.join("vfmap.toml"))
+                .stderr(log),
+        );
         wait_for(
             "the daemon's socket",
             &daemon_log,
             Duration::from_secs(30),
             || UnixStream::connect(&api).is_ok(),
         );
-        child
+        daemon
     };
-    children.0.push(start_daemon());
+    let mut daemon = start_daemon();
     wait_for(
         "the agent in the guest",
         &console,
@@ -209,10 +197,8 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
     attach("compress");
     // The host side goes away (kill -9) and comes back: the agent keeps its port open, the
     // daemon's link reconnects and re-sends the correspondence, and work goes on.
-    let mut daemon = children.0.pop().unwrap();
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
-    children.0.push(start_daemon());
+    daemon.kill();
+    let _daemon = start_daemon();
     attach("crypto");
 
     // The guest's own sysfs: same vendor:device on all three, three different drivers.

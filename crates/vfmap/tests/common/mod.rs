@@ -1,7 +1,81 @@
-//! Shared by the tests that boot real kernels under QEMU.
+//! Shared by the tests that boot real kernels under QEMU, and the guard every test keeps for
+//! a process it starts.
+// Each test binary that includes this module uses a different part of it.
+#![allow(dead_code)]
 
+use std::ffi::OsStr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
+
+/// A process a test started (a VM, a daemon, a test double) and everything it started in turn:
+/// its whole process group is killed when this is dropped, however the test ends (return,
+/// failed assertion, panic). Started with [`Guarded::command`], it also dies when the test
+/// process is killed outright (SIGKILL runs no `Drop`): `setpriv --pdeathsig KILL`. Keep the
+/// guard in the thread that started it: PDEATHSIG fires when the starting *thread* exits.
+pub struct Guarded {
+    child: Option<Child>,
+    /// `None` once killed.
+    pgid: Option<u32>,
+}
+
+impl Guarded {
+    /// `program` under `setpriv --pdeathsig KILL`, in a process group of its own.
+    pub fn command(program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"])
+            .arg(program)
+            .process_group(0);
+        cmd
+    }
+
+    /// Starts `cmd` (from [`Guarded::command`]).
+    pub fn spawn(cmd: &mut Command) -> Guarded {
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        Guarded {
+            pgid: Some(child.id()),
+            child: Some(child),
+        }
+    }
+
+    /// Runs `cmd` (from [`Guarded::command`]) to its end, collecting stdout and stderr, then
+    /// kills whatever it left behind in its group.
+    pub fn output(cmd: &mut Command) -> Output {
+        let mut guard = Guarded::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+        let child = guard.child.take().expect("just started");
+        child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+    }
+
+    /// Kills the process and its group (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let Some(pgid) = self.pgid.take() else {
+            return;
+        };
+        // The group's number stays reserved while the unreaped leader or any member lives.
+        let killed = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if let Some(mut child) = self.child.take() {
+            if !killed {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
