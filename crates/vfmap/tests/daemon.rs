@@ -2,6 +2,7 @@
 //! test-double processes: a fake QEMU (QMP) and a fake guest agent per VM, on a generated
 //! sysfs tree. Driven through the real CLI.
 
+mod common;
 mod world;
 
 use std::io::{BufRead, BufReader};
@@ -368,18 +369,15 @@ fn a_restarted_agent_gets_the_whole_correspondence_again() {
     // The guest rebooted: a new agent with no memory of what it bound.
     let agent_socket = world.dir.path().join("web-1.agent");
     let mut old = vm.children.remove(1);
-    old.kill().unwrap();
-    old.wait().unwrap();
+    old.kill();
     std::fs::remove_file(&vm.agent_state).unwrap();
-    vm.children.push(
-        Command::new(testkit_bin("vfmap-fake-agent"))
+    vm.children.push(common::Guarded::spawn(
+        common::Guarded::command(testkit_bin("vfmap-fake-agent"))
             .arg("--socket")
             .arg(&agent_socket)
             .arg("--state")
-            .arg(&vm.agent_state)
-            .spawn()
-            .unwrap(),
-    );
+            .arg(&vm.agent_state),
+    ));
     let deadline = Instant::now() + Duration::from_secs(15);
     while lines(&vm.agent_state).len() != 2 {
         assert!(

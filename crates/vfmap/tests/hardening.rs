@@ -2,6 +2,7 @@
 //! a second daemon, local users, a hung QEMU and a `device_add` that outlives its daemon.
 //! Each test is one class of attack from docs/security.md.
 
+mod common;
 mod world;
 
 use std::io::{BufRead, BufReader, Write};
@@ -293,24 +294,28 @@ fn local_users_cannot_race_or_reach_the_socket() {
     // A racer as `nobody` tries to connect and to plant a link while the daemon starts, with
     // a umask that would have left the socket open for a moment before.
     let socket = world.socket.display().to_string();
-    let racer = Command::new("sh")
-        .args([
-            "-c",
-            "end=$(($(date +%s)+4)); while [ $(date +%s) -lt $end ]; do \
+    let seen_path = world.dir.path().join("racer.out");
+    let seen_file = std::fs::File::create(&seen_path).unwrap();
+    let mut racer = common::Guarded::spawn(
+        common::Guarded::command("sh")
+            .args([
+                "-c",
+                "end=$(($(date +%s)+4)); while [ $(date +%s) -lt $end ]; do \
              ln -s /etc/passwd \"$1\" 2>/dev/null && echo planted; \
              socat -u /dev/null UNIX-CONNECT:\"$1\" 2>/dev/null && echo connected; done",
-            "racer",
-            &socket,
-        ])
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+                "racer",
+                &socket,
+            ])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(seen_file),
+    );
     std::thread::sleep(Duration::from_millis(300));
     world.start_with_umask(0o000);
-    let out = racer.wait_with_output().unwrap();
-    let seen = String::from_utf8_lossy(&out.stdout);
+    while racer.try_wait().is_none() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = std::fs::read_to_string(&seen_path).unwrap();
     assert!(
         !seen.contains("connected") && !seen.contains("planted"),
         "{seen}"
@@ -374,13 +379,13 @@ fn the_cli_refuses_a_daemon_run_by_another_user() {
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
     let fake: PathBuf = theirs.join("api.sock");
-    let mut impostor = Command::new("socat")
-        .arg(format!("UNIX-LISTEN:{},fork,mode=666", fake.display()))
-        .arg("SYSTEM:cat")
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .spawn()
-        .unwrap();
+    let mut impostor = common::Guarded::spawn(
+        common::Guarded::command("socat")
+            .arg(format!("UNIX-LISTEN:{},fork,mode=666", fake.display()))
+            .arg("SYSTEM:cat")
+            .uid(NOBODY)
+            .gid(NOBODY),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(&fake).is_err() {
         assert!(Instant::now() < deadline, "impostor did not listen");
@@ -392,8 +397,7 @@ fn the_cli_refuses_a_daemon_run_by_another_user() {
         .arg("status")
         .output()
         .unwrap();
-    let _ = impostor.kill();
-    let _ = impostor.wait();
+    impostor.kill();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&format!("runs as uid {NOBODY}")), "{err}");
@@ -435,9 +439,7 @@ fn a_hung_qemu_does_not_pin_the_vf() {
         "{row}"
     );
     // The hung QEMU goes away: an automatic retry frees the VF, no operator needed.
-    let qmp = &mut vm.children[0];
-    qmp.kill().unwrap();
-    qmp.wait().unwrap();
+    vm.children[0].kill();
     let deadline = Instant::now() + Duration::from_secs(40);
     while free_crypto(&world) != 8 {
         assert!(

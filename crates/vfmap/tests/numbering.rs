@@ -1,6 +1,7 @@
 //! One numbering: the offline `vfmap inventory` and the daemon give every VF the same global
 //! index, also after the hardware changed under the daemon's state.
 
+mod common;
 mod world;
 
 use std::collections::BTreeMap;

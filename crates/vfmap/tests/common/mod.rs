@@ -51,6 +51,18 @@ impl Guarded {
             .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
     }
 
+    /// The process's id (`setpriv` execs the program, so it is the program's).
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Kills the process and its group (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let Some(pgid) = self.pgid.take() else {

@@ -5,7 +5,9 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
+use crate::common::Guarded;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -60,32 +62,15 @@ pub struct Vm {
     pub name: String,
     pub qmp_state: PathBuf,
     pub agent_state: PathBuf,
-    pub children: Vec<Child>,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    /// The fake QEMU first, then the fake agent (if any): killed with their groups on drop.
+    pub children: Vec<Guarded>,
 }
 
 pub struct World {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config: PathBuf,
-    pub daemon: Option<Child>,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-    }
+    pub daemon: Option<Guarded>,
 }
 
 impl World {
@@ -165,7 +150,7 @@ impl World {
     }
 
     pub fn start(&mut self, failpoint: Option<&str>) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfmap"));
+        let mut cmd = Guarded::command(env!("CARGO_BIN_EXE_vfmap"));
         cmd.args(["serve", "--config"]).arg(&self.config);
         if let Some(f) = failpoint {
             cmd.env("VFMAP_FAILPOINT", f);
@@ -175,7 +160,7 @@ impl World {
 
     /// Starts the daemon with the given file mode creation mask.
     pub fn start_with_umask(&mut self, umask: u32) {
-        let mut cmd = Command::new("sh");
+        let mut cmd = Guarded::command("sh");
         cmd.arg("-c")
             .arg(format!(
                 "umask {umask:03o}; exec \"$0\" serve --config \"$1\""
@@ -192,13 +177,13 @@ impl World {
             .open(self.log())
             .unwrap();
         cmd.stderr(log).stdout(Stdio::null());
-        self.daemon = Some(cmd.spawn().unwrap());
+        self.daemon = Some(Guarded::spawn(&mut cmd));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if UnixStream::connect(&self.socket).is_ok() {
                 return;
             }
-            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait() {
                 panic!(
                     "daemon exited {status}; log: {}",
                     std::fs::read_to_string(self.log()).unwrap_or_default()
@@ -216,7 +201,7 @@ impl World {
     pub fn wait_dead(&mut self) {
         let mut d = self.daemon.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while d.try_wait().unwrap().is_none() {
+        while d.try_wait().is_none() {
             assert!(Instant::now() < deadline, "daemon did not die");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -224,8 +209,7 @@ impl World {
 
     pub fn kill9(&mut self) {
         let mut d = self.daemon.take().unwrap();
-        d.kill().unwrap(); // SIGKILL
-        d.wait().unwrap();
+        d.kill(); // SIGKILL, and reaped
     }
 
     pub fn vm(&self, name: &str, slots: usize, agent_args: &[&str], qmp_args: &[&str]) -> Vm {
@@ -240,28 +224,24 @@ impl World {
             dir.join(format!("{name}.agent.state")),
         );
         let with_agent = agent_args != NO_AGENT;
-        let mut children = vec![
-            Command::new(testkit_bin("vfmap-fake-qmp"))
+        let mut children = vec![Guarded::spawn(
+            Guarded::command(testkit_bin("vfmap-fake-qmp"))
                 .arg("--socket")
                 .arg(&qmp)
                 .args(["--slots", &slot_list.join(",")])
                 .arg("--state")
                 .arg(&qmp_state)
-                .args(qmp_args)
-                .spawn()
-                .unwrap(),
-        ];
+                .args(qmp_args),
+        )];
         if with_agent {
-            children.push(
-                Command::new(testkit_bin("vfmap-fake-agent"))
+            children.push(Guarded::spawn(
+                Guarded::command(testkit_bin("vfmap-fake-agent"))
                     .arg("--socket")
                     .arg(&agent)
                     .arg("--state")
                     .arg(&agent_state)
-                    .args(agent_args)
-                    .spawn()
-                    .unwrap(),
-            );
+                    .args(agent_args),
+            ));
         }
         let doubles = if with_agent {
             vec![&qmp, &agent]
