@@ -17,7 +17,6 @@ use vfmap_core::{Bdf, FunctionName};
 use vfmap_daemon::api::{AttachBody, parse_attach};
 use vfmap_daemon::lines::LineReader;
 use vfmap_daemon::qmp::DeviceTemplate;
-use vfmap_daemon::serve::Config;
 
 /// Runs a future that never waits (its reader is in memory) to completion.
 fn now<F: Future>(future: F) -> F::Output {
@@ -118,17 +117,6 @@ pub fn channel_lines(data: &[u8]) {
     assert_eq!(agent, expected, "agent's lines");
 }
 
-/// The steps of `vfmap_daemon::serve::load_config` after it has read the file (a copy until
-/// the daemon has a `parse_config(&str)`).
-pub fn parse_config(text: &str) -> Result<Config, String> {
-    let config: Config = toml::from_str(text).map_err(|e| e.message().to_owned())?;
-    DeviceTemplate::parse(&config.device_template)?;
-    if config.profiles.is_empty() {
-        return Err("`profiles` is empty: give at least one profile file".into());
-    }
-    Ok(config)
-}
-
 /// The daemon's config file (`vfmap serve --config`): TOML into `Config`, then the checks.
 ///
 /// Never panics; an accepted config has profiles and a device template whose `device_add`
@@ -138,7 +126,7 @@ pub fn daemon_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(config) = parse_config(text) else {
+    let Ok(config) = vfmap_daemon::serve::parse_config(text) else {
         return;
     };
     assert!(!config.profiles.is_empty());

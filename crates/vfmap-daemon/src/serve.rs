@@ -147,12 +147,15 @@ pub fn load_config(path: &Path) -> Result<Config, ServeError> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let config: Config = toml::from_str(&text).map_err(|e| bad(e.message().to_owned()))?;
-    DeviceTemplate::parse(&config.device_template).map_err(bad)?;
+    parse_config(&text).map_err(bad)
+}
+
+/// Parses and checks a config file's text (the fuzz target `daemon_config` runs this).
+pub fn parse_config(text: &str) -> Result<Config, String> {
+    let config: Config = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    DeviceTemplate::parse(&config.device_template)?;
     if config.profiles.is_empty() {
-        return Err(bad(
-            "`profiles` is empty: give at least one profile file".into()
-        ));
+        return Err("`profiles` is empty: give at least one profile file".into());
     }
     Ok(config)
 }
