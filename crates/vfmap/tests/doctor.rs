@@ -3,6 +3,7 @@
 //! paths; a VM's slots and agent channel, given on the command line (fake QEMU, fake agent)
 //! or looked up from the real daemon.
 
+mod common;
 mod world;
 
 use std::fs;
