@@ -3,6 +3,13 @@
 //!
 //! Every path is under a configurable sysfs root and run directory, so all of this runs in
 //! tests on generated guest trees; `main.rs` only adds the virtio-serial port loop.
+//!
+//! Waiting (for a hot-plugged device to appear, for an asynchronous probe to bind) is driven by
+//! [`DeviceEvents`]: the kernel's uevents in the guest ([`UeventSocket`]), a poll where those
+//! cannot be had ([`Polling`]), events fed by a test double in tests.
+
+pub mod events;
+pub mod uevent;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
 use vfmap_core::{Bdf, DriverName, LocalIndex, PciId};
 use vfmap_sysfs::{ModuleLoader, Sysfs, SysfsWriter};
+
+pub use events::{DeviceEvents, Polling, UeventSocket, Wake};
+pub use uevent::Uevent;
 
 /// The agent's configuration (`/etc/vfmap/agent.toml`, every field optional).
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +86,29 @@ pub enum AgentError {
     /// The driver is not on the allowlist.
     #[error("driver {0} is not in this guest's allowed_drivers")]
     NotAllowed(String),
+    /// The driver is not registered and loading its module did not register it.
+    #[error("driver {driver} is not available: {reason}")]
+    DriverUnavailable {
+        /// The driver.
+        driver: DriverName,
+        /// Why.
+        reason: String,
+    },
+    /// After probing, the device is not bound to the driver wanted.
+    #[error(
+        "after probing, {bdf} is bound to {}, not {driver} (waited {waited:?}); see `dmesg` for the driver's reason",
+        found.as_deref().unwrap_or("no driver")
+    )]
+    BindNotEffective {
+        /// The device.
+        bdf: Bdf,
+        /// The driver wanted.
+        driver: DriverName,
+        /// The driver found.
+        found: Option<String>,
+        /// How long the agent waited for the binding.
+        waited: Duration,
+    },
     /// Binding failed.
     #[error("{0}")]
     Bind(String),
@@ -107,6 +140,7 @@ pub struct Agent<'a> {
     sysfs: Sysfs,
     writer: &'a dyn SysfsWriter,
     loader: &'a dyn ModuleLoader,
+    events: Box<dyn DeviceEvents + 'a>,
     current: BTreeMap<LocalIndex, Published>,
     timings: Vec<Timing>,
 }
@@ -122,6 +156,38 @@ pub struct Timing {
     pub bind: Duration,
 }
 
+/// `timeout` from now; a timeout too large for the clock waits "forever" (a year).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// Checks until `check` gives a value: once at once, then after every wake-up that may matter
+/// (an event `relevant` accepts, or a [`Wake::Recheck`]), until `deadline`. `None` when the
+/// deadline passed first. The caller must be subscribed before calling, so an event that
+/// comes between a check and the wait is not missed.
+fn wait_until<T>(
+    events: &mut dyn DeviceEvents,
+    deadline: Instant,
+    relevant: impl Fn(&Uevent) -> bool,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        loop {
+            match events.wait(deadline) {
+                Wake::TimedOut => return None,
+                Wake::Event(event) if !relevant(&event) => {}
+                Wake::Event(_) | Wake::Recheck => break,
+            }
+        }
+    }
+}
+
 fn read_id(dir: &Path, attribute: &str) -> Option<PciId> {
     fs::read_to_string(dir.join(attribute))
         .ok()?
@@ -131,12 +197,13 @@ fn read_id(dir: &Path, attribute: &str) -> Option<PciId> {
 }
 
 impl<'a> Agent<'a> {
-    /// An agent; picks up what a previous run published, so it can release entries that
-    /// disappear after its own restart.
+    /// An agent that waits on `events`; picks up what a previous run published, so it can
+    /// release entries that disappear after its own restart.
     pub fn new(
         config: Config,
         writer: &'a dyn SysfsWriter,
         loader: &'a dyn ModuleLoader,
+        events: Box<dyn DeviceEvents + 'a>,
     ) -> Agent<'a> {
         let sysfs = Sysfs::new(&config.sysfs_root);
         let current = fs::read(config.run_dir.join("devices.json"))
@@ -151,6 +218,7 @@ impl<'a> Agent<'a> {
             sysfs,
             writer,
             loader,
+            events,
             current,
             timings: Vec::new(),
         }
@@ -166,39 +234,109 @@ impl<'a> Agent<'a> {
         self.current.values().cloned().collect()
     }
 
-    /// The device at `path`, waiting for hot-plug until `deadline`.
-    pub fn resolve(&self, path: GuestPath, timeout: Duration) -> Result<Bdf, AgentError> {
+    /// The device at `path`, waiting up to `timeout` for it to be hot-plugged: checked at
+    /// once, then again on each PCI uevent.
+    pub fn resolve(&mut self, path: GuestPath, timeout: Duration) -> Result<Bdf, AgentError> {
+        let started = Instant::now();
         let port = Bdf::new(0, 0, path.port_device, path.port_function)
             .ok_or_else(|| AgentError::NoRootPort(path.to_string()))?;
-        let started = Instant::now();
-        loop {
-            let port_dir = fs::canonicalize(self.sysfs.device_dir(port)).map_err(|_| {
-                AgentError::NoRootPort(format!("{:02x}.{:x}", path.port_device, path.port_function))
-            })?;
+        // Root ports are not hot-plugged: one that is not there now will not come.
+        let port_dir = fs::canonicalize(self.sysfs.device_dir(port)).map_err(|_| {
+            AgentError::NoRootPort(format!("{:02x}.{:x}", path.port_device, path.port_function))
+        })?;
+        let sysfs = &self.sysfs;
+        let find = || {
             // Devices behind the port are children of its directory, whatever bus number the
             // guest gave the port's secondary bus.
-            let found = fs::read_dir(&port_dir).ok().and_then(|entries| {
-                entries.flatten().find_map(|e| {
-                    let bdf: Bdf = e.file_name().to_str()?.parse().ok()?;
-                    (bdf != port && bdf.device == path.device && bdf.function == path.function)
-                        .then_some(bdf)
-                })
-            });
-            // The directory shows up before its attributes: wait until the device is complete.
-            if let Some(bdf) = found.filter(|b| self.sysfs.device_dir(*b).join("vendor").exists()) {
-                return Ok(bdf);
-            }
-            if started.elapsed() >= timeout {
-                return Err(AgentError::NoDevice {
-                    path,
-                    waited: started.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            let bdf = fs::read_dir(&port_dir).ok()?.flatten().find_map(|e| {
+                let bdf: Bdf = e.file_name().to_str()?.parse().ok()?;
+                (bdf != port && bdf.device == path.device && bdf.function == path.function)
+                    .then_some(bdf)
+            })?;
+            // The kernel sends `add` once the attributes exist; without events (or before the
+            // event is read) the directory can be seen first: wait until the device is complete.
+            sysfs.device_dir(bdf).join("vendor").exists().then_some(bdf)
+        };
+        wait_until(
+            &mut *self.events,
+            deadline_after(timeout),
+            Uevent::is_pci,
+            find,
+        )
+        .ok_or_else(|| AgentError::NoDevice {
+            path,
+            waited: started.elapsed(),
+        })
     }
 
-    fn bind_entry(&self, entry: &Entry, received: Instant) -> Result<(Bdf, Timing), AgentError> {
+    fn write(&self, path: &Path, value: &str) -> Result<(), AgentError> {
+        self.writer.write(path, value).map_err(|e| {
+            AgentError::Bind(format!("cannot write {value:?} to {}: {e}", path.display()))
+        })
+    }
+
+    /// Binds `driver` to `bdf`: loads the module if the driver is not registered, sets
+    /// `driver_override`, unbinds the current driver and probes, then waits up to
+    /// `bind_timeout_ms` for the binding to show (some drivers probe asynchronously). If another
+    /// driver takes the device meanwhile (the ID-matched driver's own asynchronous probe,
+    /// racing ours), it is unbound and the device probed again: the override makes ours win.
+    fn bind(&mut self, bdf: Bdf, driver: &DriverName) -> Result<(), AgentError> {
+        let bound = self.sysfs.driver_of(bdf).ok().flatten();
+        if bound.as_deref() == Some(driver.as_str()) {
+            return Ok(());
+        }
+        if !self.sysfs.driver_dir(driver.as_str()).is_dir() {
+            let unavailable = |reason: String| AgentError::DriverUnavailable {
+                driver: driver.clone(),
+                reason,
+            };
+            self.loader.load(driver).map_err(unavailable)?;
+            if !self.sysfs.driver_dir(driver.as_str()).is_dir() {
+                return Err(unavailable(format!(
+                    "module {driver} loaded, but no PCI driver named {driver} appeared"
+                )));
+            }
+        }
+        let name = bdf.to_string();
+        self.write(
+            &self.sysfs.device_dir(bdf).join("driver_override"),
+            driver.as_str(),
+        )?;
+        if let Some(old) = &bound {
+            self.write(&self.sysfs.driver_dir(old).join("unbind"), &name)?;
+        }
+        self.write(&self.sysfs.drivers_probe(), &name)?;
+
+        let started = Instant::now();
+        let (sysfs, writer) = (&self.sysfs, self.writer);
+        let bound = wait_until(
+            &mut *self.events,
+            deadline_after(Duration::from_millis(self.config.bind_timeout_ms)),
+            |event| event.name() == name,
+            || {
+                let found = sysfs.driver_of(bdf).ok().flatten()?;
+                if found == driver.as_str() {
+                    return Some(());
+                }
+                // Best effort: the other driver may be gone already; its unbind event tells.
+                let _ = writer.write(&sysfs.driver_dir(&found).join("unbind"), &name);
+                let _ = writer.write(&sysfs.drivers_probe(), &name);
+                None
+            },
+        );
+        bound.ok_or_else(|| AgentError::BindNotEffective {
+            bdf,
+            driver: driver.clone(),
+            found: self.sysfs.driver_of(bdf).ok().flatten(),
+            waited: started.elapsed(),
+        })
+    }
+
+    fn bind_entry(
+        &mut self,
+        entry: &Entry,
+        received: Instant,
+    ) -> Result<(Bdf, Timing), AgentError> {
         if let Some(allowed) = &self.config.allowed_drivers
             && !allowed.iter().any(|d| d == entry.guest_driver.as_str())
         {
@@ -222,16 +360,7 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        let settle = Duration::from_millis(self.config.bind_timeout_ms);
-        vfmap_sysfs::ensure_bound(
-            &self.sysfs,
-            self.writer,
-            self.loader,
-            bdf,
-            &entry.guest_driver,
-            settle,
-        )
-        .map_err(|e| AgentError::Bind(e.to_string()))?;
+        self.bind(bdf, &entry.guest_driver)?;
         // Pin the override too, so a re-probe keeps the function's driver.
         let override_path = dir.join("driver_override");
         let pinned =
@@ -278,6 +407,9 @@ impl<'a> Agent<'a> {
     pub fn apply(&mut self, entries: &[Entry]) -> Vec<Answer> {
         let received = Instant::now();
         self.timings.clear();
+        // Subscribed since start-up: what was queued while idle is stale, as every wait starts
+        // by checking sysfs.
+        self.events.discard_pending();
         for (local_index, old) in std::mem::take(&mut self.current) {
             if entries.iter().any(|e| e.local_index == local_index) {
                 self.current.insert(local_index, old);

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vfmap_agent::{Agent, check_allowlist, find_port, load_config};
+use vfmap_agent::{
+    Agent, DeviceEvents, Polling, UeventSocket, check_allowlist, find_port, load_config,
+};
 use vfmap_core::lines::{Line, LineSplitter, read_line_sync};
 use vfmap_core::protocol::{
     GuestMessage, HostMessage, MAX_LINE, VERSION, fit_text, parse_host_message, to_line,
@@ -100,7 +102,18 @@ fn main() -> ExitCode {
         config.dev_root.clone(),
         config.port_name.clone(),
     );
-    let mut agent = Agent::new(config, &FileWriter, &Modprobe);
+    // Subscribed once, before anything is checked, for the agent's whole life.
+    let events: Box<dyn DeviceEvents> = match UeventSocket::open() {
+        Ok(socket) => Box::new(socket),
+        Err(e) => {
+            eprintln!(
+                "vfmap-agent: warning: cannot subscribe to kernel uevents ({e}); polling sysfs every {} ms while waiting for devices and drivers",
+                Polling::DEFAULT_INTERVAL.as_millis()
+            );
+            Box::new(Polling::new(Polling::DEFAULT_INTERVAL))
+        }
+    };
+    let mut agent = Agent::new(config, &FileWriter, &Modprobe, events);
     let mut said_waiting = false;
     loop {
         let Some(path) = find_port(&sysfs_root, &dev_root, &port_name) else {

@@ -1,11 +1,16 @@
-//! The agent on generated guest sysfs trees, with the fake kernel reacting to its writes.
+//! The agent on generated guest sysfs trees, with the fake kernel reacting to its writes and
+//! the kernel's uevents fed by a test double.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
-use vfmap_agent::{Agent, Config, Published, find_port};
+use vfmap_agent::uevent::{self, Action, Uevent};
+use vfmap_agent::{Agent, Config, DeviceEvents, Polling, Published, Wake, find_port};
 use vfmap_core::protocol::{Answer, Entry};
 use vfmap_core::{Bdf, DriverName, FunctionName, LocalIndex, PciId};
+use vfmap_sysfs::SysfsWriter;
 use vfmap_testkit::{FakeKernel, FakeModules, SysfsTree};
 
 struct Guest {
@@ -51,8 +56,14 @@ impl Guest {
         }
     }
 
+    /// An agent whose uevents come from a feed that never sends anything.
     fn agent(&self) -> Agent<'_> {
-        Agent::new(self.config(), &self.kernel, &self.modules)
+        let (events, _feed) = fed(&self.tree, |_, _| {});
+        Agent::new(self.config(), &self.kernel, &self.modules, events)
+    }
+
+    fn agent_with(&self, events: Box<dyn DeviceEvents>) -> Agent<'_> {
+        Agent::new(self.config(), &self.kernel, &self.modules, events)
     }
 
     fn driver(&self, bdf: &str) -> Option<String> {
@@ -65,6 +76,89 @@ impl Guest {
         serde_json::from_slice(&std::fs::read(self.dir.path().join("run/devices.json")).unwrap())
             .unwrap()
     }
+}
+
+/// The test's side of the uevent socket: what it sends, the agent's waits receive, as the
+/// kernel's bytes (so they go through the parser).
+#[derive(Clone)]
+struct Feed {
+    tx: mpsc::Sender<Vec<u8>>,
+    root: PathBuf,
+    waits: Arc<AtomicUsize>,
+}
+
+impl Feed {
+    /// Sends `action` for the PCI device `bdf` (its DEVPATH read from the tree, or given).
+    fn send_pci(&self, action: Action, bdf: Bdf, driver: Option<&str>) {
+        let link = self.root.join("bus/pci/devices").join(bdf.to_string());
+        let dir = std::fs::canonicalize(link).unwrap();
+        let devpath = dir.strip_prefix(&self.root).unwrap();
+        self.send(Uevent {
+            action,
+            devpath: format!("/{}", devpath.display()),
+            subsystem: Some("pci".into()),
+            driver: driver.map(Into::into),
+            seqnum: Some(1),
+        });
+    }
+
+    fn send(&self, event: Uevent) {
+        // The agent may be gone already (a thread sending late): nothing to deliver to.
+        let _ = self.tx.send(event.to_bytes());
+    }
+
+    /// How many times the agent blocked waiting for an event.
+    fn waits(&self) -> usize {
+        self.waits.load(Ordering::SeqCst)
+    }
+}
+
+type OnWait = Box<dyn FnMut(usize, &Feed)>;
+
+/// A [`DeviceEvents`] fed by the test; `on_wait(n, feed)` runs as the agent starts its n-th
+/// wait (from 0), before it blocks, so a test can act "while the agent waits" without racing.
+struct FedEvents {
+    rx: mpsc::Receiver<Vec<u8>>,
+    feed: Feed,
+    on_wait: OnWait,
+}
+
+impl DeviceEvents for FedEvents {
+    fn wait(&mut self, deadline: Instant) -> Wake {
+        let n = self.feed.waits.fetch_add(1, Ordering::SeqCst);
+        (self.on_wait)(n, &self.feed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(bytes) => uevent::parse(&bytes).map_or(Wake::Recheck, Wake::Event),
+            Err(mpsc::RecvTimeoutError::Timeout) => Wake::TimedOut,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(left);
+                Wake::TimedOut
+            }
+        }
+    }
+
+    fn discard_pending(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+fn fed(
+    tree: &SysfsTree,
+    on_wait: impl FnMut(usize, &Feed) + 'static,
+) -> (Box<dyn DeviceEvents>, Feed) {
+    let (tx, rx) = mpsc::channel();
+    let feed = Feed {
+        tx,
+        root: tree.root().to_owned(),
+        waits: Arc::new(AtomicUsize::new(0)),
+    };
+    let events = FedEvents {
+        rx,
+        feed: feed.clone(),
+        on_wait: Box::new(on_wait),
+    };
+    (Box::new(events), feed)
 }
 
 fn entry(local_index: u32, function: &str, driver: &str, path: &str) -> Entry {
@@ -89,7 +183,8 @@ fn three() -> Vec<Entry> {
 #[test]
 fn same_id_devices_get_their_functions_drivers() {
     let g = guest();
-    let mut agent = g.agent();
+    let (events, feed) = fed(&g.tree, |_, _| {});
+    let mut agent = g.agent_with(events);
     let answers = agent.apply(&three());
     let bound: Vec<(u32, String, String)> = answers
         .iter()
@@ -118,6 +213,7 @@ fn same_id_devices_get_their_functions_drivers() {
             .collect::<Vec<_>>(),
         [0, 1, 2]
     );
+    assert_eq!(feed.waits(), 0, "all there, all bound at once: no wait");
     assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
     assert_eq!(g.driver("0000:02:00.0").as_deref(), Some("uio_pci_generic"));
     assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
@@ -175,13 +271,23 @@ fn removed_entries_are_unbound_and_unpublished_even_after_a_restart() {
 fn waits_for_hot_plug_and_reports_what_never_comes() {
     let g = guest();
     g.tree.unplug("0000:01:00.0".parse().unwrap());
-    let tree = g.tree.clone();
-    let port = g.ports[0];
+    let (tree, port) = (g.tree.clone(), g.ports[0]);
+    let (events, feed) = fed(&g.tree, |_, _| {});
+    let kernel = feed.clone();
     let plugger = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
-        tree.plug_behind(port, "0000:05:00.0", PciId(0x1b36), PciId(0x0010));
+        // Events the wait must sleep through: another subsystem's.
+        kernel.send(Uevent {
+            action: Action::Add,
+            devpath: "/devices/virtual/net/tap0".into(),
+            subsystem: Some("net".into()),
+            driver: None,
+            seqnum: Some(7),
+        });
+        let bdf = tree.plug_behind(port, "0000:05:00.0", PciId(0x1b36), PciId(0x0010));
+        kernel.send_pci(Action::Add, bdf, None);
     });
-    let mut agent = g.agent();
+    let mut agent = g.agent_with(events);
     let answers = agent.apply(&[
         entry(0, "storage", "nvme", "03.0/00.0"),
         entry(1, "x", "pci-stub", "04.0/00.0"),
@@ -196,6 +302,147 @@ fn waits_for_hot_plug_and_reports_what_never_comes() {
         matches!(&answers[1], Answer::Failed { reason, .. } if reason.contains("no root port")),
         "{answers:?}"
     );
+    // Woken by the two events, not by a clock: the net event, then the PCI add.
+    assert_eq!(feed.waits(), 2);
+    let device = agent.timings()[0].device;
+    assert!(
+        device >= Duration::from_millis(100) && device < Duration::from_millis(300),
+        "{device:?}"
+    );
+}
+
+#[test]
+fn a_hot_plug_is_seen_through_its_event_not_by_polling() {
+    let g = guest();
+    g.tree.unplug("0000:01:00.0".parse().unwrap());
+    let (tree, port) = (g.tree.clone(), g.ports[0]);
+    // While the agent waits, the device appears but the kernel's event never comes.
+    let (events, feed) = fed(&g.tree, move |n, _| {
+        if n == 0 {
+            tree.plug_behind(port, "0000:05:00.0", PciId(0x1b36), PciId(0x0010));
+        }
+    });
+    let started = Instant::now();
+    let answers = g
+        .agent_with(events)
+        .apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
+    assert!(
+        matches!(&answers[0], Answer::Failed { reason, .. } if reason.contains("no device at 03.0/00.0")),
+        "{answers:?}"
+    );
+    assert_eq!(feed.waits(), 1, "one blocking wait until the deadline");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // With the event, the same hot-plug is seen at once.
+    g.tree.unplug("0000:05:00.0".parse().unwrap());
+    let (tree, port) = (g.tree.clone(), g.ports[0]);
+    let (events, feed) = fed(&g.tree, move |n, feed| {
+        if n == 0 {
+            let bdf = tree.plug_behind(port, "0000:05:00.0", PciId(0x1b36), PciId(0x0010));
+            feed.send_pci(Action::Add, bdf, None);
+        }
+    });
+    let answers = g
+        .agent_with(events)
+        .apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
+    assert!(matches!(answers[0], Answer::Bound { .. }), "{answers:?}");
+    assert_eq!(feed.waits(), 1);
+}
+
+/// A kernel whose probes finish later, as asynchronous probes do: `drivers_probe` is accepted
+/// and the device is bound when the test finishes the probe, which sends the `bind` event.
+struct AsyncProbes<'k> {
+    kernel: &'k FakeKernel,
+    probe: PathBuf,
+    pending: Arc<std::sync::Mutex<Vec<Bdf>>>,
+}
+
+impl SysfsWriter for AsyncProbes<'_> {
+    fn write(&self, path: &Path, value: &str) -> std::io::Result<()> {
+        if path == self.probe {
+            self.pending
+                .lock()
+                .unwrap()
+                .push(value.trim().parse().unwrap());
+            Ok(())
+        } else {
+            self.kernel.write(path, value)
+        }
+    }
+}
+
+/// Finishes the pending probes: each device is bound to `driver`, or to its override.
+fn finish_probes(
+    tree: &SysfsTree,
+    pending: &std::sync::Mutex<Vec<Bdf>>,
+    feed: &Feed,
+    driver: Option<&str>,
+) {
+    for bdf in pending.lock().unwrap().drain(..) {
+        let wanted = std::fs::read_to_string(tree.device_link(bdf).join("driver_override"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let driver = driver.unwrap_or(&wanted);
+        tree.link_driver(bdf, driver);
+        feed.send_pci(Action::Bind, bdf, Some(driver));
+    }
+}
+
+#[test]
+fn an_asynchronous_probe_is_waited_for_until_its_bind_event() {
+    let g = guest();
+    let pending = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = AsyncProbes {
+        kernel: &g.kernel,
+        probe: g.tree.root().join("bus/pci/drivers_probe"),
+        pending: pending.clone(),
+    };
+    let tree = g.tree.clone();
+    let (events, feed) = fed(&g.tree, move |n, feed| {
+        if n == 0 {
+            // A PCI event of another device first: the wait sleeps through it.
+            feed.send_pci(Action::Change, "0000:01:00.0".parse().unwrap(), None);
+            // The ID-matched driver's own asynchronous probe wins the race.
+            finish_probes(&tree, &pending, feed, Some("nvme"));
+        } else {
+            finish_probes(&tree, &pending, feed, None);
+        }
+    });
+    let mut agent = Agent::new(g.config(), &writer, &g.modules, events);
+    let answers = agent.apply(&[entry(2, "crypto", "pci-stub", "03.2/00.0")]);
+    assert!(matches!(answers[0], Answer::Bound { .. }), "{answers:?}");
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    assert!(
+        g.kernel
+            .writes()
+            .contains(&("bus/pci/drivers/nvme/unbind".into(), "0000:03:00.0".into())),
+        "the racing driver was unbound"
+    );
+    // Woken by: the other device's event (slept through), nvme's bind (unbound, probed
+    // again), pci-stub's bind (done).
+    assert_eq!(feed.waits(), 3);
+}
+
+#[test]
+fn a_probe_that_never_binds_fails_at_the_bind_deadline() {
+    let g = guest();
+    let kernel = FakeKernel::new(g.tree.clone()).fail_probe("pci-stub");
+    let (events, feed) = fed(&g.tree, |_, _| {});
+    let started = Instant::now();
+    let answers = Agent::new(g.config(), &kernel, &g.modules, events).apply(&[entry(
+        2,
+        "crypto",
+        "pci-stub",
+        "03.2/00.0",
+    )]);
+    assert!(
+        matches!(&answers[0], Answer::Failed { reason, .. }
+            if reason.contains("after probing, 0000:03:00.0 is bound to no driver, not pci-stub")),
+        "{answers:?}"
+    );
+    assert_eq!(feed.waits(), 1, "one blocking wait until the deadline");
+    assert!(started.elapsed() >= Duration::from_millis(200));
 }
 
 #[test]
@@ -206,7 +453,8 @@ fn wrong_ids_disallowed_drivers_and_missing_modules_fail_clearly() {
     let mut config = g.config();
     config.allowed_drivers = Some(vec!["nvme".into(), "uio_pci_generic".into()]);
     let modules = FakeModules::new(g.tree.clone()).without("uio_pci_generic");
-    let mut agent = Agent::new(config, &g.kernel, &modules);
+    let (events, feed) = fed(&g.tree, |_, _| {});
+    let mut agent = Agent::new(config, &g.kernel, &modules, events);
     let answers = agent.apply(&[
         wrong,
         entry(1, "compress", "uio_pci_generic", "03.1/00.0"),
@@ -239,6 +487,7 @@ fn wrong_ids_disallowed_drivers_and_missing_modules_fail_clearly() {
         "nothing was written for refused entries"
     );
     assert!(g.published().iter().all(|p| p.state == "failed"));
+    assert_eq!(feed.waits(), 0, "nothing was waited for");
 }
 
 #[test]
@@ -251,8 +500,9 @@ fn finds_its_port_by_name() {
     assert_eq!(find_port(g.tree.root(), Path::new("/dev"), "other"), None);
 }
 
+/// Without uevents (the fallback), the directory can be seen before its attributes.
 #[test]
-fn a_device_directory_without_attributes_yet_is_waited_for() {
+fn polling_waits_for_a_device_directory_without_attributes_yet() {
     let g = guest();
     let vendor = g
         .tree
@@ -264,7 +514,10 @@ fn a_device_directory_without_attributes_yet_is_waited_for() {
         std::thread::sleep(Duration::from_millis(100));
         std::fs::write(vendor, saved).unwrap();
     });
-    let answers = g.agent().apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
+    let polling = Box::new(Polling::new(Duration::from_millis(10)));
+    let answers = g
+        .agent_with(polling)
+        .apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
     restore.join().unwrap();
     assert!(matches!(answers[0], Answer::Bound { .. }), "{answers:?}");
 }
