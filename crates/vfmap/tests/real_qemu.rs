@@ -213,29 +213,30 @@ fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
         ("0000:02:00.0", "uio_pci_generic"),
         ("0000:03:00.0", "pci-stub"),
     ]);
+    // What the agent published, as the guest prints it each second: function → driver.
+    let published = || -> Vec<(String, String)> {
+        guest_devices(&console)
+            .iter()
+            .map(|p| {
+                (
+                    p["function"].as_str().unwrap_or("").to_owned(),
+                    p["driver"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let functions = want(&[
+        ("storage", "nvme"),
+        ("compress", "uio_pci_generic"),
+        ("crypto", "pci-stub"),
+    ]);
+    // The guest prints its drivers and devices.json on separate lines: wait for both, so a
+    // drivers line printed before the newest devices line does not race the check.
     wait_for(
-        "the guest to show three drivers",
+        "the guest to show three drivers and publish three functions",
         &console,
         Duration::from_secs(30),
-        || guest_drivers(&console) == all,
-    );
-    let published = guest_devices(&console);
-    let functions: Vec<(&str, &str)> = published
-        .iter()
-        .map(|p| {
-            (
-                p["function"].as_str().unwrap_or(""),
-                p["driver"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
-    assert_eq!(
-        functions,
-        [
-            ("storage", "nvme"),
-            ("compress", "uio_pci_generic"),
-            ("crypto", "pci-stub")
-        ]
+        || guest_drivers(&console) == all && published() == functions,
     );
 
     cli(&["detach", "guest", "1"]);
