@@ -15,10 +15,11 @@ _validators = {}
 
 
 def _error_validator(case):
-    """The document's `Error` schema (self-contained: no references)."""
-    schema = case.operation.schema.raw_schema["components"]["schemas"]["Error"]
-    key = id(schema)
+    """The document's `Error` schema, its references resolved in the document."""
+    raw = case.operation.schema.raw_schema
+    key = id(raw)
     if key not in _validators:
+        schema = {"$ref": "#/components/schemas/Error", "components": raw["components"]}
         _validators[key] = jsonschema_rs.validator_for(schema)
     return _validators[key]
 

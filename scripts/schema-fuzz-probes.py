@@ -1,8 +1,9 @@
-"""Deterministic probes scripts/schema-fuzz sends before the fuzzer, for what a schema-driven
-fuzzer does not generate: path segments that do not percent-decode to UTF-8, methods a path
-does not have, bodies that are not JSON or too large, unknown paths.
+"""Deterministic probes scripts/schema-fuzz sends before the fuzzer: first, that the daemon
+serves the document being fuzzed against (GET /v1/openapi.json is docs/openapi.json); then what
+a schema-driven fuzzer does not generate: path segments that do not percent-decode to UTF-8,
+methods a path does not have, bodies that are not JSON or too large, unknown paths.
 
-    python3 schema-fuzz-probes.py OPENAPI_YAML API_SOCKET
+    python3 schema-fuzz-probes.py OPENAPI_JSON API_SOCKET
 
 Each answer must be the status the probe expects, documented for the operation, with the
 document's `Error` envelope as JSON (and `Allow` on a 405); the VMs and inventory must be the
@@ -15,7 +16,6 @@ import socket
 import sys
 
 import jsonschema_rs
-import yaml
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 # Segments that are not UTF-8 once percent-decoded: a lone byte, a broken sequence, a surrogate.
@@ -52,13 +52,29 @@ def send(sock_path, method, path, headers=(), body=b""):
 def main():
     doc_path, sock_path = sys.argv[1], sys.argv[2]
     with open(doc_path) as f:
-        doc = yaml.safe_load(f)
-    error_schema = jsonschema_rs.validator_for(doc["components"]["schemas"]["Error"])
+        doc = json.load(f)
+    error_schema = jsonschema_rs.validator_for(
+        {"$ref": "#/components/schemas/Error", "components": doc["components"]}
+    )
+    schemas = doc["components"]["schemas"]
     examples = {
-        "/v1/vms": doc["components"]["schemas"]["VmSpec"]["example"],
-        "/v1/vms/{name}/attach": doc["components"]["schemas"]["AttachRequest"]["example"],
+        "/v1/vms": schemas["VmSpec"]["examples"][0],
+        "/v1/vms/{name}/attach": schemas["AttachRequest"]["examples"][0],
     }
     passed, failed = 0, []
+
+    status, fields, raw = send(sock_path, "GET", "/v1/openapi.json")
+    try:
+        served = json.loads(raw)
+    except ValueError:
+        served = None
+    if status != 200 or served != doc:
+        failed.append(
+            f"GET /v1/openapi.json answered {status} with a document that is not {doc_path};"
+            " regenerate it with `VFMAP_BLESS=1 cargo test -p vfmap-daemon openapi`"
+        )
+    else:
+        passed += 1
 
     def probe(label, method, path, want_status, want_code, documented, headers=(), body=b"", allow=None):
         nonlocal passed

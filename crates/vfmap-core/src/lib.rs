@@ -9,11 +9,14 @@ pub mod facts;
 pub mod index;
 pub mod lines;
 mod names;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod plan;
 pub mod pool;
 pub mod profile;
 pub mod protocol;
 pub mod tables;
+pub mod whole;
 
 pub use addr::{AddrError, Bdf, PciId};
 pub use facts::{HostFacts, PfFacts, Problem, VfFacts};

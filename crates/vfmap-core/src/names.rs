@@ -1,7 +1,8 @@
 //! Shared plumbing for validated name types.
 
-/// The trait impls every validated name type shares: `as_str`, `Display`, and the `String`
-/// conversions serde uses (`try_from = "String"`, `into = "String"`), all through `new`.
+/// The trait impls every validated name type shares: `as_str`, `Display`, `FromStr` (for
+/// command-line parsers), and the `String` conversions serde uses (`try_from = "String"`,
+/// `into = "String"`), all through `new`.
 macro_rules! validated_name {
     ($name:ident) => {
         impl $name {
@@ -15,6 +16,13 @@ macro_rules! validated_name {
             type Error = String;
             fn try_from(text: String) -> Result<$name, String> {
                 $name::new(&text)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<$name, String> {
+                $name::new(text)
             }
         }
 

@@ -80,25 +80,40 @@ impl SlotId {
 
 crate::names::validated_name!(SlotId);
 
-/// A registered VM: how to reach it and where VFs can go.
+/// A registered VM: how to reach it and where VFs can go. The body of `POST /v1/vms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(examples(json!({
+        "name": "web2",
+        "qmp_socket": "/run/vfmap/web2.qmp",
+        "agent_socket": "/run/vfmap/web2.agent",
+        "slots": ["rp0", "rp1"]
+    })))
+)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// The VM's name.
     pub name: VmName,
     /// The hypervisor's control socket (for QEMU: the QMP unix socket).
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
     pub qmp_socket: String,
     /// The guest agent's channel (the virtio-serial port's unix socket on the host).
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
     pub agent_socket: String,
     /// Hot-plug slots in order: local index `i` is `slots[i]`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::slots_schema))]
     pub slots: Vec<SlotId>,
     /// The VM's NUMA node, if pinned: VFs on that node are preferred.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::optional")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::openapi::NumaNode>))]
     pub numa_node: Option<i32>,
 }
 
 /// Where an assignment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AssignState {
     /// The VF and local index are taken; nothing done on the host yet.

@@ -1,9 +1,11 @@
-//! The HTTP/JSON API (see `docs/openapi.yaml`), served on a unix socket.
+//! The HTTP/JSON API, served on a unix socket. Its bodies are `vfmap-api`'s types; its document
+//! (OpenAPI 3.1) is generated from them and from the `#[utoipa::path]` of each handler here
+//! ([`openapi`]), served at `GET /v1/openapi.json` and committed as `docs/openapi.json`.
 //!
 //! Requests are parsed into typed values first (unknown fields are errors); every error, the
 //! router's own included (unknown path, method not allowed, undecodable path, body too large or
-//! not JSON), is `{"error": {"code", "message", ...}}` with a status from [`status_of`] or
-//! [`ApiError`]'s constructors. `scripts/schema-fuzz` checks all of it against the document.
+//! not JSON), is the [`ErrorBody`] envelope `{"error": {"code", "message", ...}}` with the one
+//! status of its [`ErrorCode`]. `scripts/schema-fuzz` checks all of it against the document.
 
 use std::sync::Arc;
 
@@ -14,75 +16,93 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
-use vfmap_core::{Bdf, FunctionName, LocalIndex, PoolError, Request, VmName, VmSpec};
+use vfmap_api::{
+    AttachRequest, Attached, Detached, ErrorBody, ErrorCode, Health, HealthStatus, Inventory,
+    Removed, Vm, VmList,
+};
+use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName, VmSpec};
 
 use crate::engine::{Engine, EngineError};
+use openapi::{
+    BadPath, BadRequest, Degraded, MethodNotAllowed, NotFound, OpenApiDocument, PayloadTooLarge,
+    SideEffectFailed, StateError, UnsupportedMediaType,
+};
 
-/// An API error: a status, a stable code, a message, and optional extra fields.
+pub mod openapi;
+
+/// The attach body under its earlier name.
+pub type AttachBody = AttachRequest;
+
+/// An API error: a stable code (which decides the status), a message, and the extra fields
+/// some codes carry.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    extra: Option<(&'static str, Value)>,
+    body: ErrorBody,
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_request",
-            message: message.into(),
-            extra: None,
+            body: ErrorBody::new(code, message),
         }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// The error's stable code.
+    pub fn code(&self) -> ErrorCode {
+        self.body.error.code
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        status_of_code(self.code())
     }
 }
 
-/// The one place engine errors become HTTP statuses and stable codes.
-pub fn status_of(error: &EngineError) -> (StatusCode, &'static str) {
+/// The HTTP status of an error code.
+pub fn status_of_code(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The one place engine errors become stable codes (and so HTTP statuses).
+pub fn status_of(error: &EngineError) -> ErrorCode {
     match error {
         EngineError::Pool(e) => match e {
-            PoolError::UnknownVm(_) => (StatusCode::NOT_FOUND, "unknown_vm"),
-            PoolError::UnknownFunction(_) => (StatusCode::NOT_FOUND, "unknown_function"),
-            PoolError::NoSuchLocalIndex { .. } => (StatusCode::NOT_FOUND, "unknown_local_index"),
-            PoolError::NoFreeVf { .. } => (StatusCode::CONFLICT, "no_free_vf"),
-            PoolError::NoFreeSlot { .. } => (StatusCode::CONFLICT, "no_free_slot"),
-            PoolError::VmExists(_) => (StatusCode::CONFLICT, "vm_exists"),
-            PoolError::Busy { .. } => (StatusCode::CONFLICT, "busy"),
-            PoolError::VmHoldsVfs { .. } => (StatusCode::CONFLICT, "vm_holds_vfs"),
-            PoolError::InvalidVm(_) | PoolError::InvalidRequest(_) => {
-                (StatusCode::BAD_REQUEST, "bad_request")
-            }
-            PoolError::BadTransition { .. } | PoolError::NotAssigned(_) => {
-                (StatusCode::CONFLICT, "conflict")
-            }
+            PoolError::UnknownVm(_) => ErrorCode::UnknownVm,
+            PoolError::UnknownFunction(_) => ErrorCode::UnknownFunction,
+            PoolError::NoSuchLocalIndex { .. } => ErrorCode::UnknownLocalIndex,
+            PoolError::NoFreeVf { .. } => ErrorCode::NoFreeVf,
+            PoolError::NoFreeSlot { .. } => ErrorCode::NoFreeSlot,
+            PoolError::VmExists(_) => ErrorCode::VmExists,
+            PoolError::Busy { .. } => ErrorCode::Busy,
+            PoolError::VmHoldsVfs { .. } => ErrorCode::VmHoldsVfs,
+            PoolError::InvalidVm(_) | PoolError::InvalidRequest(_) => ErrorCode::BadRequest,
+            PoolError::BadTransition { .. } | PoolError::NotAssigned(_) => ErrorCode::Conflict,
         },
-        EngineError::AttachFailed { .. } => (StatusCode::BAD_GATEWAY, "attach_failed"),
-        EngineError::DetachFailed { .. } => (StatusCode::BAD_GATEWAY, "detach_failed"),
-        EngineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "state_error"),
-        EngineError::Degraded => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+        EngineError::AttachFailed { .. } => ErrorCode::AttachFailed,
+        EngineError::DetachFailed { .. } => ErrorCode::DetachFailed,
+        EngineError::Store(_) => ErrorCode::StateError,
+        EngineError::Degraded => ErrorCode::Degraded,
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
-        let (status, code) = status_of(&error);
-        let extra = match &error {
-            EngineError::Pool(PoolError::NoFreeVf { free, .. }) => Some(("free", json!(free))),
-            EngineError::Pool(PoolError::NoFreeSlot { free, .. }) => {
-                Some(("free_slots", json!(free)))
+        let mut api = ApiError::new(status_of(&error), error.to_string());
+        match &error {
+            EngineError::Pool(PoolError::NoFreeVf { free, .. }) => {
+                api.body.error.free = Some(*free as u64);
             }
-            _ => None,
-        };
-        ApiError {
-            status,
-            code,
-            message: error.to_string(),
-            extra,
+            EngineError::Pool(PoolError::NoFreeSlot { free, .. }) => {
+                api.body.error.free_slots = Some(*free as u64);
+            }
+            _ => {}
         }
+        api
     }
 }
 
@@ -91,25 +111,17 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
-        let (code, message) = match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => (
-                "payload_too_large",
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                ErrorCode::PayloadTooLarge,
                 format!("the body is larger than {BODY_LIMIT} bytes"),
             ),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
-                "unsupported_media_type",
-                "the body must be JSON, sent with `Content-Type: application/json`".to_owned(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "the body must be JSON, sent with `Content-Type: application/json`",
             ),
             // Syntax errors (400) and bodies of the wrong shape (axum's 422) alike.
-            _ => {
-                return ApiError::bad_request(format!("malformed body: {}", rejection.body_text()));
-            }
-        };
-        ApiError {
-            status: rejection.status(),
-            code,
-            message,
-            extra: None,
+            _ => ApiError::bad_request(format!("malformed body: {}", rejection.body_text())),
         }
     }
 }
@@ -138,37 +150,12 @@ where
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some((key, value)) = self.extra {
-            error[key] = value;
-        }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        (self.status(), Json(self.body)).into_response()
     }
 }
 
-/// `POST /v1/vms/{name}/attach` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AttachBody {
-    /// The function, e.g. `crypto`.
-    pub function: String,
-    /// How many VFs (default 1).
-    #[serde(default = "one")]
-    pub count: u32,
-    /// Only VFs on this NUMA node.
-    #[serde(default)]
-    pub numa_node: Option<i32>,
-    /// Only VFs of this PF.
-    #[serde(default)]
-    pub pf: Option<Bdf>,
-}
-
-fn one() -> u32 {
-    1
-}
-
 /// Parses an attach into a request value (no side effects; tested without sockets).
-pub fn parse_attach(vm: &str, body: AttachBody) -> Result<Request, ApiError> {
+pub fn parse_attach(vm: &str, body: AttachRequest) -> Result<Request, ApiError> {
     let vm = VmName::new(vm).map_err(ApiError::bad_request)?;
     // A name no profile could define is a bad request, not an unknown function.
     FunctionName::new(&body.function)
@@ -182,16 +169,36 @@ pub fn parse_attach(vm: &str, body: AttachBody) -> Result<Request, ApiError> {
     })
 }
 
+/// A VM named in a path, for GET and DELETE: a name no VM could have is not registered either
+/// (`unknown_vm`, as for any other name not registered).
+fn registered_name(name: String) -> Result<VmName, ApiError> {
+    VmName::new(&name).map_err(|_| EngineError::Pool(PoolError::UnknownVm(name)).into())
+}
+
 type Shared = State<Arc<Engine>>;
 
+/// Liveness and invariants
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    responses(
+        (status = 200, description = "Healthy", body = Health),
+        (status = 405, response = MethodNotAllowed),
+        (status = 503, body = Health, description = "Degraded: a state commit failed (restart the daemon), or a pool invariant is broken"),
+    )
+)]
 async fn health(State(engine): Shared) -> Response {
     let invariants = engine.check();
     let ok = !engine.is_degraded() && invariants.is_ok();
-    let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "version": env!("CARGO_PKG_VERSION"),
-        "invariants": invariants.err(),
-    });
+    let body = Health {
+        status: if ok {
+            HealthStatus::Ok
+        } else {
+            HealthStatus::Degraded
+        },
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        invariants: invariants.err(),
+    };
     let status = if ok {
         StatusCode::OK
     } else {
@@ -200,7 +207,17 @@ async fn health(State(engine): Shared) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Functions with counts, and every VF with its allocation
+#[utoipa::path(
+    get,
+    path = "/v1/inventory",
+    responses(
+        (status = 200, description = "The inventory", body = Inventory),
+        (status = 405, response = MethodNotAllowed),
+    )
+)]
 async fn inventory(State(engine): Shared) -> Response {
+    // `Inventory`, written straight from the pool.
     let body = engine.inventory_json();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -209,52 +226,181 @@ async fn inventory(State(engine): Shared) -> Response {
         .into_response()
 }
 
-async fn list_vms(State(engine): Shared) -> Response {
-    Json(json!({ "vms": engine.vm_views() })).into_response()
+/// Every VM with its correspondence table
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    responses(
+        (status = 200, description = "VMs", body = VmList),
+        (status = 405, response = MethodNotAllowed),
+    )
+)]
+async fn list_vms(State(engine): Shared) -> Json<VmList> {
+    Json(VmList {
+        vms: engine.vm_views(),
+    })
 }
 
+/// Register a running VM
+///
+/// Only validates and records: the VM's sockets are first used by an attach, so a VM whose
+/// QEMU is not running registers fine and its attaches answer 502.
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    request_body = VmSpec,
+    responses(
+        (status = 201, description = "Registered", body = Vm),
+        (status = 400, response = BadRequest),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`vm_exists`", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 500, response = StateError),
+        (status = 503, response = Degraded),
+    )
+)]
 async fn add_vm(
     State(engine): Shared,
     body: Result<Json<VmSpec>, JsonRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
     let Json(spec) = body?;
     let view = engine.add_vm(spec).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// One VM with its correspondence table (local index → function) and recent failures
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}",
+    params(("name" = VmName, Path, description = "The VM's name; any name not registered, well formed or not, is a 404", example = "web")),
+    responses(
+        (status = 200, description = "The VM", body = Vm),
+        (status = 400, response = BadPath),
+        (status = 404, response = NotFound),
+        (status = 405, response = MethodNotAllowed),
+    )
+)]
 async fn get_vm(
     State(engine): Shared,
     ApiPath(name): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    Ok(Json(engine.vm_view(&name)?).into_response())
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(engine.vm_view(&name)?))
 }
 
+/// Release everything the VM holds, then forget it
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}",
+    params(("name" = VmName, Path, description = "The VM's name; any name not registered, well formed or not, is a 404", example = "old")),
+    responses(
+        (status = 200, description = "Removed", body = Removed),
+        (status = 400, response = BadPath),
+        (status = 404, response = NotFound),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`busy` (an attach or detach is in flight), `vm_holds_vfs` or `conflict`", body = ErrorBody),
+        (status = 500, response = StateError),
+        (status = 502, response = SideEffectFailed),
+        (status = 503, response = Degraded),
+    )
+)]
 async fn remove_vm(
     State(engine): Shared,
     ApiPath(name): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    let released = engine.remove_vm(&name).await?;
-    Ok(Json(json!({ "removed": name, "released": released })).into_response())
+) -> Result<Json<Removed>, ApiError> {
+    let removed = registered_name(name)?;
+    let released = engine.remove_vm(removed.as_str()).await?;
+    Ok(Json(Removed {
+        removed,
+        released: u32::try_from(released).unwrap_or(u32::MAX),
+    }))
 }
 
+/// Service request: give the VM `count` VFs of `function`
+///
+/// All or nothing. Each VF goes reserved → host_bound → plugged → sent → ready; the call
+/// returns when every VF is ready (the agent bound the function's driver) or, on any failure,
+/// after rolling every step back.
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/attach",
+    params(("name" = VmName, Path, description = "The VM's name; a malformed one is a 400", example = "web")),
+    request_body = AttachRequest,
+    responses(
+        (status = 200, description = "Every VF is ready", body = Attached),
+        (status = 400, response = BadRequest),
+        (status = 404, description = "`unknown_vm` or `unknown_function` (no VF carries it)", body = ErrorBody),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`no_free_vf` (with `free`), `no_free_slot` (with `free_slots`), `busy` or `conflict`", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 500, response = StateError),
+        (status = 502, response = SideEffectFailed),
+        (status = 503, response = Degraded),
+    )
+)]
 async fn attach(
     State(engine): Shared,
     ApiPath(name): ApiPath<String>,
-    body: Result<Json<AttachBody>, JsonRejection>,
-) -> Result<Response, ApiError> {
+    body: Result<Json<AttachRequest>, JsonRejection>,
+) -> Result<Json<Attached>, ApiError> {
     let Json(body) = body?;
     let request = parse_attach(&name, body)?;
-    let rows = engine.attach(request).await?;
-    Ok(Json(json!({ "vm": name, "attached": rows })).into_response())
+    let vm = request.vm.clone();
+    let attached = engine.attach(request).await?;
+    Ok(Json(Attached { vm, attached }))
 }
 
+/// Release the VF at a local index (agent unbinds, unplug, reset, rebind host driver, free)
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}/devices/{local_index}",
+    params(
+        ("name" = VmName, Path, description = "The VM's name; any name not registered, well formed or not, is a 404", example = "web"),
+        ("local_index" = LocalIndex, Path, description = "Decimal digits only; a slot position, so below the VM's slot count (at most 256)", example = 0),
+    ),
+    responses(
+        (status = 200, description = "Released", body = Detached),
+        (status = 400, description = "`bad_request`: the local index is not 0-255 in decimal digits, or a segment does not decode", body = ErrorBody),
+        (status = 404, description = "`unknown_vm` or `unknown_local_index` (nothing is attached there)", body = ErrorBody),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`busy`: an attach or detach of it is still in flight; `conflict`", body = ErrorBody),
+        (status = 500, response = StateError),
+        (status = 502, response = SideEffectFailed),
+        (status = 503, response = Degraded),
+    )
+)]
 async fn detach(
     State(engine): Shared,
     ApiPath((name, local)): ApiPath<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Detached>, ApiError> {
     let local_index = parse_local_index(&local)?;
-    engine.detach(&name, local_index).await?;
-    Ok(Json(json!({ "vm": name, "detached": local_index })).into_response())
+    let vm = registered_name(name)?;
+    engine.detach(vm.as_str(), local_index).await?;
+    Ok(Json(Detached {
+        vm,
+        detached: local_index,
+    }))
+}
+
+/// This document
+///
+/// The API's OpenAPI 3.1 document, generated from the daemon's code; the same as
+/// `docs/openapi.json` in the source tree.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    responses(
+        (status = 200, description = "The document", body = OpenApiDocument),
+        (status = 405, response = MethodNotAllowed),
+    )
+)]
+async fn openapi_document() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi::json(),
+    )
+        .into_response()
 }
 
 /// A local index as the path gives it: decimal digits only (no sign, no spaces), and a slot
@@ -269,25 +415,21 @@ pub fn parse_local_index(text: &str) -> Result<LocalIndex, ApiError> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: "not_found",
-        message: "no such endpoint; see docs/openapi.yaml".into(),
-        extra: None,
-    }
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; see GET /v1/openapi.json",
+    )
 }
 
 /// A known path with a method it does not have; axum adds the `Allow` header.
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        code: "method_not_allowed",
-        message: format!(
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
             "{method} is not allowed on {}; the `Allow` header lists what is",
             uri.path()
         ),
-        extra: None,
-    }
+    )
 }
 
 /// The API's routes.
@@ -299,6 +441,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/devices/{local_index}", delete(detach))
+        .route("/v1/openapi.json", get(openapi_document))
         // After the routes: it applies to the routes registered before it.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -308,6 +451,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -355,8 +500,9 @@ mod tests {
             (EngineError::Degraded, 503, "degraded"),
         ];
         for (error, status, code) in cases {
+            let got = status_of(&error);
             assert_eq!(
-                status_of(&error),
+                (status_of_code(got), got.as_str()),
                 (StatusCode::from_u16(status).unwrap(), code),
                 "{error}"
             );
@@ -371,7 +517,10 @@ mod tests {
             free: 1,
             filter: String::new(),
         }));
-        assert_eq!(error.extra, Some(("free", json!(1))));
+        assert_eq!(
+            serde_json::to_value(&error.body).unwrap(),
+            json!({"error": {"code": "no_free_vf", "message": error.body.error.message, "free": 1}})
+        );
     }
 
     #[test]
@@ -381,6 +530,13 @@ mod tests {
         assert!(serde_json::from_str::<AttachBody>(r#"{"function":"crypto","colour":1}"#).is_err());
         assert!(serde_json::from_str::<AttachBody>(r#"{"function":"crypto","pf":"x"}"#).is_err());
         assert!(serde_json::from_str::<AttachBody>(r#"{"function":"crypto","count":-1}"#).is_err());
+        assert!(
+            serde_json::from_str::<AttachBody>(r#"{"function":"crypto","count":1.5}"#).is_err()
+        );
+        // JSON Schema's integers (the document's `integer`): 2.0 is 2.
+        let body: AttachBody =
+            serde_json::from_str(r#"{"function":"crypto","count":2.0,"numa_node":-1.0}"#).unwrap();
+        assert_eq!((body.count, body.numa_node), (2, Some(-1)));
         let body: AttachBody = serde_json::from_str(r#"{"function":""}"#).unwrap();
         assert!(parse_attach("web", body).is_err());
         let body: AttachBody = serde_json::from_str(r#"{"function":"crypto"}"#).unwrap();
@@ -395,8 +551,8 @@ mod tests {
             };
             let error = parse_attach("web", body).unwrap_err();
             assert_eq!(
-                (error.status, error.code),
-                (StatusCode::BAD_REQUEST, "bad_request")
+                (error.status(), error.code()),
+                (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
             );
         }
     }
@@ -409,8 +565,8 @@ mod tests {
         for bad in ["", "+1", "-1", " 1", "1.0", "0x1", "256", "4294967296", "٣"] {
             let error = parse_local_index(bad).unwrap_err();
             assert_eq!(
-                (error.status, error.code),
-                (StatusCode::BAD_REQUEST, "bad_request")
+                (error.status(), error.code()),
+                (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
             );
         }
     }
@@ -423,9 +579,10 @@ mod http_tests {
     use std::path::{Path as FsPath, PathBuf};
     use std::time::Duration;
 
+    use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vfmap_core::protocol::{Answer, Entry, GuestPath};
-    use vfmap_core::{DriverName, Profiles, SlotId, Tables};
+    use vfmap_core::{Bdf, DriverName, Profiles, SlotId, Tables};
 
     use super::*;
     use crate::effects::{
@@ -592,6 +749,7 @@ guest_driver = "pci-stub"
             ("GET", "/v1/vms/web/attach", "allow: post"),
             ("GET", "/v1/vms/web/devices/0", "allow: delete"),
             ("TRACE", "/v1/inventory", "allow: get,head"),
+            ("POST", "/v1/openapi.json", "allow: get,head"),
         ] {
             let answer = send(&socket, method, path, "", "").await;
             assert_envelope(&answer, 405, "method_not_allowed");
@@ -670,5 +828,21 @@ guest_driver = "pci-stub"
             send(&socket, "GET", "/v1/vms", "", "").await.body,
             json!({"vms": []})
         );
+    }
+
+    #[tokio::test]
+    async fn the_generated_document_is_served_and_errors_are_its_envelope() {
+        let (_dir, socket) = serve().await;
+        let answer = send(&socket, "GET", "/v1/openapi.json", "", "").await;
+        assert_eq!(answer.status, 200, "{}", answer.head);
+        assert!(answer.head.contains("\r\ncontent-type: application/json"));
+        let generated: Value = serde_json::from_str(openapi::json()).unwrap();
+        assert_eq!(answer.body, generated);
+        assert_eq!(generated["openapi"], "3.1.0");
+        // Every error answer reads back as the API's error type.
+        let answer = send(&socket, "GET", "/v1/vms/nope", "", "").await;
+        let error: ErrorBody = serde_json::from_value(answer.body).unwrap();
+        assert_eq!(error.error.code, ErrorCode::UnknownVm);
+        assert_eq!(status_of_code(error.error.code).as_u16(), answer.status);
     }
 }

@@ -28,8 +28,7 @@ use vfmap_core::{
 use crate::effects::{
     ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, chain,
 };
-pub use cleanup::Cleanup;
-pub use views::{CorrespondenceRow, InventoryFunction, InventoryVf, InventoryView, VmView};
+use cleanup::Cleanup;
 
 mod attach;
 mod cleanup;

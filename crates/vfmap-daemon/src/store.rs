@@ -48,26 +48,23 @@ pub enum StoreError {
     WriterGone,
 }
 
-/// Facts about an assignment that the pool does not need but the API shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// Facts about an assignment that the pool does not need but the API shows (the VM view's
+/// `guest_path`, `guest_bdf`, `bound_driver` and `stored_value_error`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Detail {
     /// Where the device sits in the guest: root port devfn, then devfn behind it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_path: Option<GuestPath>,
     /// The guest's address of the device, as the agent reported it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_bdf: Option<Bdf>,
     /// The driver the agent reports bound (the row's `guest_driver` is the one wanted).
-    #[serde(rename = "bound_driver", skip_serializing_if = "Option::is_none")]
     pub guest_driver: Option<DriverName>,
     /// A stored value that could not be read back (the database was edited or damaged); the
     /// value is left out above, and said here instead of silently dropped.
-    #[serde(rename = "stored_value_error", skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
 }
 
-/// A failed attach, kept for the API.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// A failed attach, kept for the API (the VM view's `failures`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// The VM.
     pub vm: String,

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
-use vfmap_core::{Bdf, DriverName, LocalIndex, Profiles, Request, SlotId, Tables, VmName, VmSpec};
+use vfmap_core::{
+    AssignState, Bdf, DriverName, LocalIndex, Profiles, Request, SlotId, Tables, VmName, VmSpec,
+};
 use vfmap_daemon::effects::{
     BoxFuture, ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError,
 };
@@ -228,8 +230,8 @@ fn free(engine: &Engine, function: &str) -> usize {
         .inventory()
         .functions
         .iter()
-        .find(|f| f.name == function)
-        .map_or(0, |f| f.free)
+        .find(|f| f.name.as_str() == function)
+        .map_or(0, |f| f.free as usize)
 }
 
 fn vm(name: &str) -> VmSpec {
@@ -254,6 +256,26 @@ fn request(vm: &str, function: &str, count: u32) -> Request {
     }
 }
 
+/// The inventory the API writes straight from the pool is the API's `Inventory`, the same as
+/// the engine's owned view.
+#[tokio::test]
+async fn the_streamed_inventory_is_the_api_inventory() {
+    let rig = Rig::new();
+    let engine = rig.engine().await;
+    engine.add_vm(vm("web")).await.unwrap();
+    engine.attach(request("web", "crypto", 1)).await.unwrap();
+    let streamed: vfmap_api::Inventory =
+        serde_json::from_slice(&engine.inventory_json()).expect("the API's Inventory");
+    let owned = engine.inventory();
+    assert_eq!(streamed, owned);
+    assert!(
+        owned
+            .vfs
+            .iter()
+            .any(|v| v.state == Some(AssignState::Ready) && v.vm.is_some())
+    );
+}
+
 #[tokio::test]
 async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
     let rig = Rig::new();
@@ -261,14 +283,14 @@ async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
     engine.add_vm(vm("web")).await.unwrap();
     let rows = engine.attach(request("web", "crypto", 1)).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].state, "ready");
+    assert_eq!(rows[0].state, AssignState::Ready);
     assert_eq!(rows[0].local_index.get(), 0);
     assert_eq!(
-        rows[0].detail.guest_path.map(|p| p.to_string()).as_deref(),
+        rows[0].guest_path.map(|p| p.to_string()).as_deref(),
         Some("03.0/00.0")
     );
     assert_eq!(
-        rows[0].detail.guest_driver.as_ref().map(|d| d.as_str()),
+        rows[0].bound_driver.as_ref().map(|d| d.as_str()),
         Some("pci-stub")
     );
     let rows = engine.attach(request("web", "compress", 1)).await.unwrap();
@@ -294,7 +316,7 @@ async fn attach_reaches_ready_with_the_agents_answer_and_detach_frees() {
     let crypto = inventory
         .functions
         .iter()
-        .find(|f| f.name == "crypto")
+        .find(|f| f.name.as_str() == "crypto")
         .unwrap();
     assert_eq!((crypto.total, crypto.free), (2, 2));
     engine.check().unwrap();
@@ -377,7 +399,7 @@ async fn a_failed_unplug_during_rollback_keeps_the_vf_out_of_the_pool_until_clea
     // It may still be in the VM: it must not go back to the pool, and it shows why.
     assert_eq!(free(&engine, "crypto"), 1);
     let row = &engine.vm_view("web").unwrap().correspondence[0];
-    assert_eq!(row.state, "releasing");
+    assert_eq!(row.state, AssignState::Releasing);
     let cleanup = row.cleanup.as_ref().expect("a cleanup is scheduled");
     assert_eq!(cleanup.attempts, 1);
     assert!(cleanup.next_retry_at.is_some());
@@ -464,14 +486,14 @@ async fn restart_recovers_in_flight_work_from_the_database() {
     let engine = rig.engine().await;
     engine.recover().await.unwrap();
     let view = engine.vm_view("web").unwrap();
-    let kept: Vec<(u32, &str)> = view
+    let kept: Vec<(u32, AssignState)> = view
         .correspondence
         .iter()
         .map(|r| (r.local_index.get(), r.state))
         .collect();
     assert_eq!(
         kept,
-        [(0, "ready")],
+        [(0, AssignState::Ready)],
         "ready+plugged kept; lost and in-flight freed"
     );
     assert_eq!(
@@ -573,7 +595,7 @@ async fn a_restart_that_cannot_ask_the_hypervisor_turns_unfinished_attaches_into
     // Not handed out (it may be in the VM), not pinned: a release with a scheduled cleanup.
     assert_eq!(free(&engine, "crypto"), 1);
     let row = &engine.vm_view("web").unwrap().correspondence[0];
-    assert_eq!(row.state, "releasing");
+    assert_eq!(row.state, AssignState::Releasing);
     assert_eq!(row.cleanup.as_ref().map(|c| c.attempts), Some(1));
     // The hypervisor answers again: the operator's detach (or the retry) frees it.
     *rig.hv.plugged_error.lock().unwrap() = None;

@@ -41,12 +41,13 @@ pub enum ClientError {
     NotJson(String),
 }
 
-/// Sends one request; returns the status and the JSON body.
+/// Sends one request (`body`: a serialised request type of `vfmap-api`); returns the status
+/// and the JSON body, for the caller to read as the API's response or error type.
 pub async fn call(
     socket: &Path,
     method: Method,
     path: &str,
-    body: Option<&Value>,
+    body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Value), ClientError> {
     let stream =
         tokio::net::UnixStream::connect(socket)
@@ -76,7 +77,7 @@ pub async fn call(
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     tokio::spawn(connection);
-    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let bytes = body.map(Bytes::from).unwrap_or_default();
     let request = Request::builder()
         .method(method)
         .uri(path)

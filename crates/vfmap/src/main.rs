@@ -76,14 +76,14 @@ enum Command {
     /// Take the VF at a VM's local index back (daemon).
     Detach {
         /// The VM.
-        vm: String,
+        vm: vfmap_core::VmName,
         /// The local index (slot position) to release.
         local_index: vfmap_core::LocalIndex,
     },
     /// Show VMs and their correspondence tables (daemon).
     Status {
         /// Only this VM.
-        vm: Option<String>,
+        vm: Option<vfmap_core::VmName>,
     },
 }
 
@@ -131,9 +131,11 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let json = cli.json;
-    match run(cli) {
+    let (json, result) = match Cli::try_parse() {
+        Ok(cli) => (cli.json, run(cli)),
+        Err(error) => (json_requested(), Err(bad_value(error))),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             // One line: the error and its causes joined, the way operators grep logs.
@@ -151,6 +153,28 @@ fn main() -> ExitCode {
             ExitCode::from(failure.exit)
         }
     }
+}
+
+/// A value the argument parsers refused (a VM name, a PCI address, ...): one line and, with
+/// `--json`, a JSON error, like every other error. Clap answers the rest itself (help, version,
+/// unknown or missing arguments).
+fn bad_value(error: clap::Error) -> Failure {
+    if error.kind() != clap::error::ErrorKind::ValueValidation {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let line = text.lines().next().unwrap_or_default();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    Failure::new(exit::BAD_INPUT, "bad_arguments", anyhow::anyhow!("{line}"))
+}
+
+/// Whether `--json` was given, when the arguments as a whole did not parse (clap takes no
+/// option value that starts with `--`, so such an argument before `--` is the flag).
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {

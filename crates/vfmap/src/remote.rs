@@ -1,10 +1,20 @@
-//! Commands that run or talk to the daemon.
+//! Commands that run or talk to the daemon. Requests are `vfmap-api`'s request types,
+//! serialised; answers are read as its response types (errors as its envelope) and rendered
+//! from them. `--json` prints the daemon's JSON as it came.
 
+use std::fmt::Display;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use vfmap_api::{
+    AttachRequest, Attached, CorrespondenceRow, Detached, ErrorBody, Inventory, Removed, Vm,
+    VmList, VmSpec,
+};
+use vfmap_core::{Bdf, FunctionName, LocalIndex, SlotId, VmName};
 
 use crate::client::{ClientError, call};
 use crate::{Failure, exit, print_json};
@@ -15,7 +25,7 @@ pub enum VmCommand {
     /// Register a running VM with its QMP socket, agent channel and empty hot-plug slots.
     Add {
         /// The VM's name.
-        name: String,
+        name: VmName,
         /// QEMU's QMP unix socket (`-qmp unix:PATH,server=on,wait=off`).
         #[arg(long, value_name = "PATH")]
         qmp: String,
@@ -24,7 +34,7 @@ pub enum VmCommand {
         agent: String,
         /// An empty pcie-root-port id; repeat in order: local index i is the i-th slot.
         #[arg(long = "slot", value_name = "ID", required = true)]
-        slots: Vec<String>,
+        slots: Vec<SlotId>,
         /// The VM's NUMA node: VFs on it are preferred.
         #[arg(long)]
         numa_node: Option<i32>,
@@ -32,7 +42,7 @@ pub enum VmCommand {
     /// Release everything a VM holds and forget it.
     Rm {
         /// The VM's name.
-        name: String,
+        name: VmName,
     },
     /// List VMs.
     List,
@@ -42,9 +52,9 @@ pub enum VmCommand {
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// The VM.
-    vm: String,
+    vm: VmName,
     /// The function, e.g. crypto.
-    function: String,
+    function: FunctionName,
     /// How many VFs.
     #[arg(long, default_value_t = 1)]
     count: u32,
@@ -53,7 +63,7 @@ pub struct AttachArgs {
     numa_node: Option<i32>,
     /// Only VFs of this PF (domain:bus:device.function).
     #[arg(long)]
-    pf: Option<String>,
+    pf: Option<Bdf>,
 }
 
 /// One daemon call.
@@ -67,34 +77,25 @@ pub enum Call {
     /// `DELETE /v1/vms/{vm}/devices/{local_index}`
     Detach {
         /// The VM.
-        vm: String,
+        vm: VmName,
         /// The local index.
-        local_index: vfmap_core::LocalIndex,
+        local_index: LocalIndex,
     },
     /// `GET /v1/vms[/{vm}]`
-    Status(Option<String>),
+    Status(Option<VmName>),
 }
 
-/// Path segments are user input: keep them to the characters names may have.
-fn segment(text: &str) -> Result<&str, Failure> {
-    if !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        Ok(text)
-    } else {
-        Err(Failure::new(
-            exit::BAD_INPUT,
-            "bad_arguments",
-            anyhow::anyhow!("{text:?} is not a valid VM name (letters, digits, '.', '_', '-')"),
-        ))
-    }
+/// A request body, serialised.
+fn body(request: &impl Serialize) -> Result<Option<Vec<u8>>, Failure> {
+    serde_json::to_vec(request)
+        .map(Some)
+        .map_err(|e| Failure::new(exit::FAILED, "request", e))
 }
 
-/// Runs a daemon call, prints the result, maps HTTP statuses to exit codes.
-pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Failure> {
-    let (method, path, body) = match &call_spec {
+/// The method, path and body of a call. Names in paths are validated values (their
+/// characters need no escaping).
+fn request(call_spec: &Call) -> Result<(Method, String, Option<Vec<u8>>), Failure> {
+    Ok(match call_spec {
         Call::Inventory => (Method::GET, "/v1/inventory".to_owned(), None),
         Call::Vm(VmCommand::Add {
             name,
@@ -102,52 +103,59 @@ pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Fail
             agent,
             slots,
             numa_node,
-        }) => (
-            Method::POST,
-            "/v1/vms".to_owned(),
-            Some(
-                json!({"name": name, "qmp_socket": qmp, "agent_socket": agent, "slots": slots, "numa_node": numa_node}),
-            ),
-        ),
-        Call::Vm(VmCommand::Rm { name }) => {
-            (Method::DELETE, format!("/v1/vms/{}", segment(name)?), None)
+        }) => {
+            let spec = VmSpec {
+                name: name.clone(),
+                qmp_socket: qmp.clone(),
+                agent_socket: agent.clone(),
+                slots: slots.clone(),
+                numa_node: *numa_node,
+            };
+            (Method::POST, "/v1/vms".to_owned(), body(&spec)?)
         }
+        Call::Vm(VmCommand::Rm { name }) => (Method::DELETE, format!("/v1/vms/{name}"), None),
         Call::Vm(VmCommand::List) | Call::Status(None) => (Method::GET, "/v1/vms".to_owned(), None),
-        Call::Status(Some(vm)) => (Method::GET, format!("/v1/vms/{}", segment(vm)?), None),
-        Call::Attach(a) => (
-            Method::POST,
-            format!("/v1/vms/{}/attach", segment(&a.vm)?),
-            Some(
-                json!({"function": a.function, "count": a.count, "numa_node": a.numa_node, "pf": a.pf}),
-            ),
-        ),
+        Call::Status(Some(vm)) => (Method::GET, format!("/v1/vms/{vm}"), None),
+        Call::Attach(a) => {
+            let attach = AttachRequest {
+                function: a.function.to_string(),
+                count: a.count,
+                numa_node: a.numa_node,
+                pf: a.pf,
+            };
+            (
+                Method::POST,
+                format!("/v1/vms/{}/attach", a.vm),
+                body(&attach)?,
+            )
+        }
         Call::Detach { vm, local_index } => (
             Method::DELETE,
-            format!("/v1/vms/{}/devices/{local_index}", segment(vm)?),
+            format!("/v1/vms/{vm}/devices/{local_index}"),
             None,
         ),
-    };
+    })
+}
+
+/// Runs a daemon call, prints the result, maps HTTP statuses to exit codes.
+pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Failure> {
+    let (method, path, body) = request(&call_spec)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(exit::FAILED, "runtime", e))?;
     let (status, value) = runtime
-        .block_on(call(socket, method, &path, body.as_ref()))
+        .block_on(call(socket, method, &path, body))
         .map_err(|e| match e {
             ClientError::Connect { .. } => Failure::new(exit::FAILED, "unreachable", e),
             ClientError::Impostor { .. } => Failure::new(exit::FAILED, "untrusted_daemon", e),
             other => Failure::new(exit::FAILED, "http", other),
         })?;
     if !status.is_success() {
-        let code = value
-            .pointer("/error/code")
-            .and_then(Value::as_str)
-            .unwrap_or("error")
-            .to_owned();
-        let message = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("HTTP {status}"), str::to_owned);
+        let (code, message) = match ErrorBody::deserialize(&value) {
+            Ok(ErrorBody { error }) => (error.code.as_str().to_owned(), error.message),
+            Err(_) => ("error".to_owned(), format!("HTTP {status}")),
+        };
         let exit_code = match status {
             StatusCode::BAD_REQUEST => exit::BAD_INPUT,
             StatusCode::NOT_FOUND => exit::NOT_FOUND,
@@ -156,49 +164,57 @@ pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Fail
         };
         return Err(Failure::new(exit_code, code, anyhow::anyhow!(message)));
     }
+    // Read as the API's type either way: an answer that is not is an error, not printed.
+    let text = render(&call_spec, &value)?;
     if json_output {
         return print_json(&value);
     }
-    print!("{}", render(&call_spec, &value));
+    print!("{text}");
     Ok(())
 }
 
-fn text(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
+/// `value` as the API's response type `T`.
+fn answer<T: DeserializeOwned>(value: &Value) -> Result<T, Failure> {
+    T::deserialize(value).map_err(|e| {
+        let what = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("answer");
+        Failure::new(
+            exit::FAILED,
+            "bad_answer",
+            anyhow::anyhow!("the daemon's answer is not the API's {what}: {e}"),
+        )
+    })
+}
+
+fn or_dash(value: Option<impl Display>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     crate::render::table(header, rows)
 }
 
-fn correspondence(rows: &Value) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            [
-                "local_index",
-                "slot",
-                "function",
-                "host_vf",
-                "state",
-                "guest_path",
-                "guest_bdf",
-                "bound_driver",
-            ]
-            .iter()
-            .map(|k| text(r, k))
-            .collect()
-        })
-        .collect();
+fn correspondence(rows: &[CorrespondenceRow]) -> String {
     if rows.is_empty() {
         return "  (no VFs)\n".into();
     }
+    let rows = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.local_index.to_string(),
+                r.slot.clone(),
+                r.function.to_string(),
+                r.host_vf.to_string(),
+                r.state.as_str().to_owned(),
+                or_dash(r.guest_path),
+                or_dash(r.guest_bdf),
+                or_dash(r.bound_driver.as_ref()),
+            ]
+        })
+        .collect();
     table(
         &[
             "LOCAL",
@@ -214,122 +230,120 @@ fn correspondence(rows: &Value) -> String {
     )
 }
 
-fn vm_block(vm: &Value) -> String {
+fn vm_block(vm: &Vm) -> String {
     let mut out = format!(
         "VM {} (slots: {}; qmp {}; agent {})\n",
-        text(vm, "name"),
-        vm["slots"].as_array().map_or(0, Vec::len),
-        text(vm, "qmp_socket"),
-        text(vm, "agent_socket")
+        vm.name,
+        vm.slots.len(),
+        vm.qmp_socket,
+        vm.agent_socket
     );
-    out += &correspondence(&vm["correspondence"]);
-    for f in vm["failures"].as_array().into_iter().flatten().take(3) {
+    out += &correspondence(&vm.correspondence);
+    for f in vm.failures.iter().take(3) {
         let _ = writeln!(
             out,
             "  recent failure at local index {}: {}",
-            text(f, "local_index"),
-            text(f, "reason")
+            f.local_index, f.reason
         );
     }
     out
 }
 
-fn render(call_spec: &Call, value: &Value) -> String {
-    match call_spec {
-        Call::Inventory => {
-            let functions = value["functions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|f| {
-                    ["name", "total", "free", "guest_driver", "host_driver"]
-                        .iter()
-                        .map(|k| text(f, k))
-                        .collect()
-                })
-                .collect();
-            let vfs = value["vfs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| {
-                    [
-                        "global_index",
-                        "function",
-                        "location",
-                        "pf",
-                        "vm",
-                        "local_index",
-                        "state",
-                    ]
-                    .iter()
-                    .map(|k| text(v, k))
-                    .collect()
-                })
-                .collect();
-            format!(
-                "Functions:\n{}\nVFs:\n{}",
-                table(
-                    &["NAME", "TOTAL", "FREE", "GUEST DRIVER", "HOST DRIVER"],
-                    functions
-                ),
-                table(
-                    &[
-                        "INDEX", "FUNCTION", "LOCATION", "PF", "VM", "LOCAL", "STATE"
-                    ],
-                    vfs
-                )
-            )
-        }
+fn inventory(inventory: &Inventory) -> String {
+    let functions = inventory
+        .functions
+        .iter()
+        .map(|f| {
+            vec![
+                f.name.to_string(),
+                f.total.to_string(),
+                f.free.to_string(),
+                f.guest_driver.to_string(),
+                f.host_driver.to_string(),
+            ]
+        })
+        .collect();
+    let vfs = inventory
+        .vfs
+        .iter()
+        .map(|v| {
+            vec![
+                v.global_index.to_string(),
+                or_dash(v.function.as_ref()),
+                v.location.to_string(),
+                v.pf.to_string(),
+                or_dash(v.vm.as_ref()),
+                or_dash(v.local_index),
+                or_dash(v.state.map(|s| s.as_str())),
+            ]
+        })
+        .collect();
+    format!(
+        "Functions:\n{}\nVFs:\n{}",
+        table(
+            &["NAME", "TOTAL", "FREE", "GUEST DRIVER", "HOST DRIVER"],
+            functions
+        ),
+        table(
+            &[
+                "INDEX", "FUNCTION", "LOCATION", "PF", "VM", "LOCAL", "STATE"
+            ],
+            vfs
+        )
+    )
+}
+
+/// The text of a call's answer, read as the API's type for that call.
+fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
+    Ok(match call_spec {
+        Call::Inventory => inventory(&answer(value)?),
         Call::Vm(VmCommand::Add { name, slots, .. }) => {
+            let _: Vm = answer(value)?;
             format!("registered VM {name} with {} slot(s)\n", slots.len())
         }
-        Call::Vm(VmCommand::Rm { name }) => format!(
-            "removed VM {name}; released {} VF(s)\n",
-            text(value, "released")
-        ),
+        Call::Vm(VmCommand::Rm { name }) => {
+            let removed: Removed = answer(value)?;
+            format!("removed VM {name}; released {} VF(s)\n", removed.released)
+        }
         Call::Vm(VmCommand::List) => {
-            let rows = value["vms"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let list: VmList = answer(value)?;
+            let rows = list
+                .vms
+                .iter()
                 .map(|vm| {
                     vec![
-                        text(vm, "name"),
-                        vm["slots"].as_array().map_or(0, Vec::len).to_string(),
-                        vm["correspondence"]
-                            .as_array()
-                            .map_or(0, Vec::len)
-                            .to_string(),
-                        text(vm, "qmp_socket"),
+                        vm.name.to_string(),
+                        vm.slots.len().to_string(),
+                        vm.correspondence.len().to_string(),
+                        vm.qmp_socket.clone(),
                     ]
                 })
                 .collect();
             table(&["NAME", "SLOTS", "VFS", "QMP"], rows)
         }
-        Call::Attach(a) => format!(
-            "attached to VM {}:\n{}",
-            a.vm,
-            correspondence(&value["attached"])
-        ),
+        Call::Attach(a) => {
+            let attached: Attached = answer(value)?;
+            format!(
+                "attached to VM {}:\n{}",
+                a.vm,
+                correspondence(&attached.attached)
+            )
+        }
         Call::Detach { vm, local_index } => {
+            let _: Detached = answer(value)?;
             format!("detached local index {local_index} from VM {vm}\n")
         }
-        Call::Status(Some(_)) => vm_block(value),
+        Call::Status(Some(_)) => vm_block(&answer(value)?),
         Call::Status(None) => {
-            let vms: Vec<String> = value["vms"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(vm_block)
-                .collect();
-            if vms.is_empty() {
+            let list: VmList = answer(value)?;
+            if list.vms.is_empty() {
                 "no VM registered\n".into()
             } else {
+                let vms: Vec<String> = list.vms.iter().map(vm_block).collect();
                 vms.join("\n")
             }
         }
-    }
+    })
 }
 
 /// `vfmap serve --config FILE`.

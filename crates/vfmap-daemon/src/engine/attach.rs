@@ -5,7 +5,10 @@ use super::*;
 impl Engine {
     /// Serves a request: reserves VFs and local indexes, then plugs each and has the agent bind
     /// its driver. All or nothing: if one VF fails, the others of the request are released.
-    pub async fn attach(&self, request: Request) -> Result<Vec<CorrespondenceRow>, EngineError> {
+    pub async fn attach(
+        &self,
+        request: Request,
+    ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {
         let spec = self.vm_spec(request.vm.as_str())?;
         let mutations = self
             .commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_reserve(&request)?)]))

@@ -13,7 +13,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tracing::{error, info, warn};
 use vfmap_core::{Assignment, GlobalIndex, VmSpec};
 
@@ -25,18 +24,17 @@ pub const MAX_ATTEMPTS: u32 = 8;
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// The state of a cleanup waiting for the hypervisor, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Cleanup {
+/// The state of a cleanup waiting for the hypervisor (the API shows [`Cleanup::view`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cleanup {
     /// Failed attempts so far.
     pub attempts: u32,
     /// Why the last attempt failed.
     pub last_error: String,
-    /// When the next automatic attempt runs (seconds since the epoch); `null` once the
+    /// When the next automatic attempt runs (seconds since the epoch); `None` once the
     /// attempts are used up: then `vfmap detach` retries, or stopping the VM frees the VF.
     pub next_retry_at: Option<u64>,
     /// When the next attempt is due.
-    #[serde(skip)]
     due: Option<Instant>,
 }
 
@@ -46,6 +44,15 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 impl Cleanup {
+    /// The cleanup as the VM's view shows it.
+    pub fn view(&self) -> vfmap_api::Cleanup {
+        vfmap_api::Cleanup {
+            attempts: self.attempts,
+            last_error: self.last_error.clone(),
+            next_retry_at: self.next_retry_at,
+        }
+    }
+
     /// The cleanup after one more failed attempt.
     fn after_failure(previous: Option<&Cleanup>, error: &str, now: Instant) -> Cleanup {
         let attempts = previous.map_or(0, |c| c.attempts) + 1;

@@ -5,7 +5,7 @@ use super::*;
 
 impl Engine {
     /// Registers a VM.
-    pub async fn add_vm(&self, spec: VmSpec) -> Result<VmView, EngineError> {
+    pub async fn add_vm(&self, spec: VmSpec) -> Result<vfmap_api::Vm, EngineError> {
         let name = spec.name.to_string();
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_add_vm(spec)?)]))
             .await?;
