@@ -3,6 +3,7 @@
 
 mod client;
 mod doctor;
+mod generate;
 mod remote;
 mod render;
 
@@ -85,6 +86,9 @@ enum Command {
         /// Only this VM.
         vm: Option<vfmap_core::VmName>,
     },
+    /// Generate shell completions or man pages from this definition (for packaging).
+    #[command(hide = true, subcommand)]
+    Generate(generate::Generate),
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +198,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             remote::run(&remote(cli.socket)?, remote::Call::Inventory, cli.json)
         }
         Command::Serve { config } => remote::serve(&config),
+        Command::Generate(what) => generate::run(what),
         Command::Vm { command } => {
             remote::run(&remote(cli.socket)?, remote::Call::Vm(command), cli.json)
         }
