@@ -345,9 +345,28 @@ error_codes! {
     VmHoldsVfs = "vm_holds_vfs", 409;
     /// The assignment is not in a state that allows the change.
     Conflict = "conflict", 409;
-    /// The hypervisor or agent failed an attach; it was rolled back.
+    /// An attach failed for another reason (e.g. the function names no drivers); it was
+    /// rolled back.
     AttachFailed = "attach_failed", 502;
-    /// The hypervisor or agent failed a detach; retry it.
+    /// Binding the VF to its host driver failed; the attach was rolled back.
+    HostBindFailed = "host_bind_failed", 500;
+    /// The VM is not running: nothing listens on its QMP socket.
+    VmNotRunning = "vm_not_running", 502;
+    /// The VM has no such slot (no pcie-root-port with that id).
+    SlotUnknown = "slot_unknown", 502;
+    /// Something is already plugged in the slot.
+    SlotOccupied = "slot_occupied", 502;
+    /// The hypervisor refused the command or answered something unexpected.
+    HypervisorFailed = "hypervisor_failed", 502;
+    /// The hypervisor did not answer in time (a hung QEMU).
+    HypervisorTimeout = "hypervisor_timeout", 504;
+    /// The VM's guest channel cannot be reached, or it broke.
+    AgentUnreachable = "agent_unreachable", 502;
+    /// The guest agent did not answer in time (is vfmap-agent running in the VM?).
+    AgentTimeout = "agent_timeout", 504;
+    /// The guest agent could not bind the function's driver, or bound another.
+    AgentFailed = "agent_failed", 502;
+    /// A detach failed for another reason; retry it.
     DetachFailed = "detach_failed", 502;
     /// The change could not be committed; the daemon is degraded from now on.
     StateError = "state_error", 500;

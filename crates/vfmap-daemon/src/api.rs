@@ -23,10 +23,11 @@ use vfmap_api::{
 };
 use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName, VmSpec};
 
-use crate::engine::{Engine, EngineError};
+use crate::effects::{ChannelError, HypervisorError};
+use crate::engine::{Engine, EngineError, ReleaseError, StepError};
 use openapi::{
     BadPath, BadRequest, Degraded, MethodNotAllowed, NotFound, OpenApiDocument, PayloadTooLarge,
-    SideEffectFailed, StateError, UnsupportedMediaType,
+    SideEffectFailed, StateError, TimedOut, UnsupportedMediaType,
 };
 
 pub mod openapi;
@@ -83,10 +84,44 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             PoolError::InvalidVm(_) | PoolError::InvalidRequest(_) => ErrorCode::BadRequest,
             PoolError::BadTransition { .. } | PoolError::NotAssigned(_) => ErrorCode::Conflict,
         },
-        EngineError::AttachFailed { .. } => ErrorCode::AttachFailed,
-        EngineError::DetachFailed { .. } => ErrorCode::DetachFailed,
+        // The step that failed first decides; the message lists every VF.
+        EngineError::AttachFailed { failures, .. } => failures
+            .first()
+            .map_or(ErrorCode::AttachFailed, |f| step_code(&f.error)),
+        EngineError::DetachFailed { error, .. } => match error {
+            ReleaseError::Unplug(e) => hypervisor_code(e),
+            ReleaseError::Free(e) => status_of(e),
+        },
         EngineError::Store(_) => ErrorCode::StateError,
         EngineError::Degraded => ErrorCode::Degraded,
+    }
+}
+
+fn step_code(error: &StepError) -> ErrorCode {
+    match error {
+        StepError::Host(_) => ErrorCode::HostBindFailed,
+        StepError::Hypervisor(e) => hypervisor_code(e),
+        StepError::Channel(ChannelError::Timeout(_)) => ErrorCode::AgentTimeout,
+        StepError::Channel(_) => ErrorCode::AgentUnreachable,
+        StepError::Agent(_) => ErrorCode::AgentFailed,
+        StepError::State(e) => status_of(e),
+        StepError::NoDrivers
+        | StepError::NoSlot
+        | StepError::Sibling
+        | StepError::Restarted
+        | StepError::Lost => ErrorCode::AttachFailed,
+    }
+}
+
+fn hypervisor_code(error: &HypervisorError) -> ErrorCode {
+    match error {
+        HypervisorError::NotRunning { .. } => ErrorCode::VmNotRunning,
+        HypervisorError::SlotUnknown { .. } => ErrorCode::SlotUnknown,
+        HypervisorError::SlotOccupied { .. } => ErrorCode::SlotOccupied,
+        HypervisorError::Timeout(_) => ErrorCode::HypervisorTimeout,
+        HypervisorError::Unreachable { .. }
+        | HypervisorError::Refused { .. }
+        | HypervisorError::Protocol(_) => ErrorCode::HypervisorFailed,
     }
 }
 
@@ -302,6 +337,7 @@ async fn get_vm(
         (status = 500, response = StateError),
         (status = 502, response = SideEffectFailed),
         (status = 503, response = Degraded),
+        (status = 504, response = TimedOut),
     )
 )]
 async fn remove_vm(
@@ -334,9 +370,10 @@ async fn remove_vm(
         (status = 409, description = "`no_free_vf` (with `free`), `no_free_slot` (with `free_slots`), `busy` or `conflict`", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
-        (status = 500, response = StateError),
+        (status = 500, description = "`state_error` (the change could not be committed; the daemon is degraded from now on) or `host_bind_failed` (binding the VF to its host driver failed; rolled back)", body = ErrorBody),
         (status = 502, response = SideEffectFailed),
         (status = 503, response = Degraded),
+        (status = 504, response = TimedOut),
     )
 )]
 async fn attach(
@@ -368,6 +405,7 @@ async fn attach(
         (status = 500, response = StateError),
         (status = 502, response = SideEffectFailed),
         (status = 503, response = Degraded),
+        (status = 504, response = TimedOut),
     )
 )]
 async fn detach(
@@ -454,6 +492,118 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn each_failed_step_has_its_own_code() {
+        use std::time::Duration;
+
+        use crate::effects::HostError;
+        use crate::engine::{AgentError, VfFailure};
+        let vf: vfmap_core::Bdf = "0000:01:00.1".parse().unwrap();
+        let socket = || "/run/x.qmp".to_owned();
+        let attach = |error: StepError| EngineError::AttachFailed {
+            vm: "v".into(),
+            function: "f".into(),
+            failures: vec![VfFailure {
+                local_index: LocalIndex::new(0),
+                vf,
+                error,
+                cleanup: None,
+            }],
+        };
+        let detach = |error: ReleaseError| EngineError::DetachFailed {
+            vm: "v".into(),
+            local_index: LocalIndex::new(0),
+            error,
+        };
+        let timeout = || HypervisorError::Timeout(Duration::from_secs(1));
+        let cases = [
+            (
+                attach(StepError::Host(HostError::Stopped { vf })),
+                500,
+                "host_bind_failed",
+            ),
+            (
+                attach(StepError::Hypervisor(HypervisorError::NotRunning {
+                    socket: socket(),
+                    reason: "refused".into(),
+                })),
+                502,
+                "vm_not_running",
+            ),
+            (
+                attach(StepError::Hypervisor(HypervisorError::SlotUnknown {
+                    slot: "rp9".into(),
+                })),
+                502,
+                "slot_unknown",
+            ),
+            (
+                attach(StepError::Hypervisor(HypervisorError::SlotOccupied {
+                    slot: "rp0".into(),
+                    detail: "x".into(),
+                })),
+                502,
+                "slot_occupied",
+            ),
+            (
+                attach(StepError::Hypervisor(HypervisorError::Refused {
+                    class: "GenericError".into(),
+                    desc: "no".into(),
+                })),
+                502,
+                "hypervisor_failed",
+            ),
+            (
+                attach(StepError::Hypervisor(timeout())),
+                504,
+                "hypervisor_timeout",
+            ),
+            (
+                attach(StepError::Channel(ChannelError::Timeout(
+                    Duration::from_secs(1),
+                ))),
+                504,
+                "agent_timeout",
+            ),
+            (
+                attach(StepError::Channel(ChannelError::Io("broken".into()))),
+                502,
+                "agent_unreachable",
+            ),
+            (
+                attach(StepError::Agent(AgentError::NoAnswer {
+                    local_index: LocalIndex::new(0),
+                })),
+                502,
+                "agent_failed",
+            ),
+            (
+                attach(StepError::State(Box::new(EngineError::Degraded))),
+                503,
+                "degraded",
+            ),
+            (attach(StepError::NoDrivers), 502, "attach_failed"),
+            (
+                detach(ReleaseError::Unplug(timeout())),
+                504,
+                "hypervisor_timeout",
+            ),
+            (
+                detach(ReleaseError::Free(Box::new(EngineError::Degraded))),
+                503,
+                "degraded",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let got = status_of(&error);
+            assert_eq!(
+                (status_of_code(got).as_u16(), got.as_str()),
+                (status, code),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn every_error_maps_to_a_status_and_code() {

@@ -74,6 +74,7 @@ here fails it.";
             PayloadTooLarge,
             UnsupportedMediaType,
             SideEffectFailed,
+            TimedOut,
             StateError,
             Degraded,
         )
@@ -124,10 +125,16 @@ pub struct PayloadTooLarge(pub ErrorBody);
 #[derive(ToResponse)]
 pub struct UnsupportedMediaType(pub ErrorBody);
 
-/// `attach_failed` / `detach_failed`: the hypervisor or agent failed (e.g. the VM is not
-/// running); rolled back (attach) or retryable (detach)
+/// The hypervisor or the agent failed: `vm_not_running`, `slot_unknown`, `slot_occupied`,
+/// `hypervisor_failed`, `agent_unreachable`, `agent_failed`, or `attach_failed` /
+/// `detach_failed` for anything else; an attach was rolled back, a detach can be retried
 #[derive(ToResponse)]
 pub struct SideEffectFailed(pub ErrorBody);
+
+/// `hypervisor_timeout` (a hung QEMU) or `agent_timeout` (is vfmap-agent running?); an attach
+/// was rolled back, or its VF is kept out of the pool while its cleanup is retried
+#[derive(ToResponse)]
+pub struct TimedOut(pub ErrorBody);
 
 /// `state_error`: the change could not be committed; the daemon is degraded from now on
 #[derive(ToResponse)]
