@@ -6,6 +6,9 @@
 //! router's own included (unknown path, method not allowed, undecodable path, body too large or
 //! not JSON), is the [`ErrorBody`] envelope `{"error": {"code", "message", ...}}` with the one
 //! status of its [`ErrorCode`]. `scripts/schema-fuzz` checks all of it against the document.
+//!
+//! `GET /metrics` is the one answer that is not JSON: the Prometheus text format
+//! ([`crate::metrics`]); [`metrics_router`] serves it alone on the optional TCP listener.
 
 use std::sync::Arc;
 
@@ -378,14 +381,23 @@ async fn remove_vm(
 )]
 async fn attach(
     State(engine): Shared,
-    ApiPath(name): ApiPath<String>,
+    path: Result<ApiPath<String>, ApiError>,
     body: Result<Json<AttachRequest>, JsonRejection>,
 ) -> Result<Json<Attached>, ApiError> {
-    let Json(body) = body?;
-    let request = parse_attach(&name, body)?;
-    let vm = request.vm.clone();
-    let attached = engine.attach(request).await?;
-    Ok(Json(Attached { vm, attached }))
+    let answer: Result<Json<Attached>, ApiError> = async {
+        let ApiPath(name) = path?;
+        let Json(body) = body?;
+        let request = parse_attach(&name, body)?;
+        let vm = request.vm.clone();
+        let attached = engine.attach(request).await?;
+        Ok(Json(Attached { vm, attached }))
+    }
+    .await;
+    // Every attach answered with an error counts, by the code the client gets.
+    if let Err(error) = &answer {
+        engine.metrics().attach_failed(error.code());
+    }
+    answer
 }
 
 /// Release the VF at a local index (agent unbinds, unplug, reset, rebind host driver, free)
@@ -441,6 +453,32 @@ async fn openapi_document() -> Response {
         .into_response()
 }
 
+/// Prometheus metrics
+///
+/// The daemon's metrics in the Prometheus text format, version 0.0.4 (`Content-Type:
+/// text/plain; version=0.0.4; charset=utf-8`): VFs by function and state, attach and detach
+/// durations, attach failures by error code, each VM's agent link, state commit durations,
+/// recovery decisions and the start time. README.md lists them. Also served alone on
+/// `metrics_listen` (TCP) when the config sets it.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses(
+        (status = 200, description = "The metrics (Prometheus text format 0.0.4)", body = String, content_type = "text/plain"),
+        (status = 405, response = MethodNotAllowed),
+    )
+)]
+async fn metrics(State(engine): Shared) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        engine.metrics_text(),
+    )
+        .into_response()
+}
+
 /// A local index as the path gives it: decimal digits only (no sign, no spaces), and a slot
 /// position (a VM has at most 256 slots).
 pub fn parse_local_index(text: &str) -> Result<LocalIndex, ApiError> {
@@ -480,10 +518,28 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/devices/{local_index}", delete(detach))
         .route("/v1/openapi.json", get(openapi_document))
+        .route("/metrics", get(metrics))
         // After the routes: it applies to the routes registered before it.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(engine)
+}
+
+async fn only_metrics() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "this listener serves only GET /metrics; the API is on the daemon's unix socket",
+    )
+}
+
+/// The metrics listener's routes (`metrics_listen`): `GET /metrics` and nothing else of the
+/// API; other paths are a 404 `not_found`, other methods a 405, in the API's envelope.
+pub fn metrics_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(only_metrics)
         .with_state(engine)
 }
 

@@ -12,6 +12,9 @@
 //! the deadline. Everything a guest can grow is bounded: queued and pending requests (each
 //! leaves at its deadline), re-sends (coalesced per VM, see [`crate::resync`]), log lines (a
 //! budget per VM) and the lines read per second. A link task that fails is restarted.
+//!
+//! Each link keeps `vfmap_agent_link_up{vm}` (1 connected, 0 not); the series goes with the
+//! link when the VM is removed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +33,7 @@ use vfmap_core::{LocalIndex, VmSpec};
 
 use crate::effects::{BoxFuture, ChannelError, GuestChannel};
 use crate::lines::{Line, LineReader};
+use crate::metrics::Metrics;
 use crate::resync::{LogBudget, Resyncs};
 
 /// How long a link waits between connection attempts.
@@ -73,13 +77,15 @@ pub struct AgentChannel {
     next_id: Arc<AtomicU64>,
     links: Mutex<HashMap<String, Link>>,
     resyncs: Resyncs,
+    metrics: Arc<Metrics>,
 }
 
 impl AgentChannel {
     /// A channel adapter. A VM's name is put in `resyncs` whenever its correspondence should
     /// be re-sent (the link connected, or the agent said hello). Request ids start from the
-    /// clock so a restarted daemon does not reuse ids an agent may still answer.
-    pub fn new(resyncs: Resyncs) -> AgentChannel {
+    /// clock so a restarted daemon does not reuse ids an agent may still answer. Each link's
+    /// state goes to `metrics`.
+    pub fn new(resyncs: Resyncs, metrics: Arc<Metrics>) -> AgentChannel {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
@@ -87,6 +93,7 @@ impl AgentChannel {
             next_id: Arc::new(AtomicU64::new(seed)),
             links: Mutex::default(),
             resyncs,
+            metrics,
         }
     }
 
@@ -105,6 +112,7 @@ impl AgentChannel {
             vm.agent_socket.clone(),
             inbox,
             self.resyncs.clone(),
+            self.metrics.clone(),
         ));
         if let Some(old) = links.insert(
             name,
@@ -150,6 +158,7 @@ async fn supervise_link(
     socket: String,
     inbox: mpsc::Receiver<Request>,
     resyncs: Resyncs,
+    metrics: Arc<Metrics>,
 ) {
     let inbox = Arc::new(tokio::sync::Mutex::new(inbox));
     loop {
@@ -158,6 +167,7 @@ async fn supervise_link(
             socket.clone(),
             inbox.clone(),
             resyncs.clone(),
+            metrics.clone(),
         )));
         match (&mut task.0).await {
             Ok(()) => return,
@@ -212,13 +222,38 @@ impl Limits {
     }
 }
 
+/// A link's `vfmap_agent_link_up` series, removed when the link task ends or is aborted, so
+/// a removed VM leaves none behind (a link that is restarted sets it again).
+struct LinkGauge {
+    metrics: Arc<Metrics>,
+    vm: String,
+}
+
+impl LinkGauge {
+    fn set(&self, up: bool) {
+        self.metrics.agent_link(&self.vm, up);
+    }
+}
+
+impl Drop for LinkGauge {
+    fn drop(&mut self) {
+        self.metrics.forget_agent_link(&self.vm);
+    }
+}
+
 /// Keeps one VM's link up until its request sender is dropped.
 async fn run_link(
     vm: String,
     socket: String,
     inbox: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     resyncs: Resyncs,
+    metrics: Arc<Metrics>,
 ) {
+    let gauge = LinkGauge {
+        metrics,
+        vm: vm.clone(),
+    };
+    gauge.set(false);
     let mut inbox = inbox.lock().await;
     let mut said_down = false;
     let mut limits = Limits {
@@ -242,6 +277,7 @@ async fn run_link(
             }
         };
         said_down = false;
+        gauge.set(true);
         info!(vm = %vm, "guest channel connected");
         resyncs.ask(&vm);
         let (read, mut write) = stream.into_split();
@@ -290,6 +326,7 @@ async fn run_link(
                 }
             }
         }
+        gauge.set(false);
         // Requests in flight on the broken connection fail now (their senders drop).
         drop(pending);
         tokio::time::sleep(RECONNECT / 5).await;

@@ -86,6 +86,12 @@ pub trait Hypervisor: Send + Sync {
     /// The ids of every device plugged in `vm` now.
     fn plugged<'a>(&'a self, vm: &'a VmSpec)
     -> BoxFuture<'a, Result<Vec<String>, HypervisorError>>;
+
+    /// The backend's name, the `backend` label of the attach and detach metrics. QMP (QEMU)
+    /// is the only real backend; test doubles stand in for it and keep this default.
+    fn backend(&self) -> &'static str {
+        "qmp"
+    }
 }
 
 /// Guest channel failures.

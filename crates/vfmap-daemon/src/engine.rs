@@ -10,11 +10,14 @@
 //! (`release.rs`), recovery and re-sends (`recovery.rs`), background cleanups and orphans
 //! (`cleanup.rs`), read views (`views.rs`). This file holds the state, the commit discipline
 //! and the helpers they share; the state-machine rules themselves live in `vfmap_core::pool`.
+//!
+//! The engine times attaches and releases and counts recovery's decisions in its
+//! [`Metrics`]; the VF gauges are counted from its state at each scrape ([`Engine::vf_counts`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -28,6 +31,7 @@ use vfmap_core::{
 use crate::effects::{
     ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, chain,
 };
+use crate::metrics::{Metrics, Outcome, Recovered, VfCounts};
 use cleanup::Cleanup;
 
 mod attach;
@@ -245,6 +249,7 @@ pub struct Engine {
     adapters: Adapters,
     functions: Vec<FunctionSummary>,
     degraded: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 /// The device id of a VF in the hypervisor: derived from its stable global index.
@@ -254,12 +259,24 @@ pub fn device_id(global_index: GlobalIndex) -> String {
 
 impl Engine {
     /// Builds the engine from the inventory tables and what the store loaded; assignments the
-    /// pool rejects on restore are deleted (logged).
+    /// pool rejects on restore are deleted (logged). Its metrics are a registry of its own:
+    /// see [`Engine::with_metrics`].
     pub async fn new(
         tables: Tables,
         store: Store,
         loaded: Loaded,
         adapters: Adapters,
+    ) -> Result<Engine, EngineError> {
+        Engine::with_metrics(tables, store, loaded, adapters, Arc::default()).await
+    }
+
+    /// [`Engine::new`], updating `metrics` (shared with the store and the channel).
+    pub async fn with_metrics(
+        tables: Tables,
+        store: Store,
+        loaded: Loaded,
+        adapters: Adapters,
+        metrics: Arc<Metrics>,
     ) -> Result<Engine, EngineError> {
         let index_of: BTreeMap<_, _> = loaded.indexes.iter().map(|(gi, bdf)| (*bdf, *gi)).collect();
         let vfs = tables.vfs.iter().filter_map(|v| {
@@ -283,6 +300,7 @@ impl Engine {
             .zip(details)
             .collect();
         let rejected = pool.restore(loaded.vms, assignments);
+        metrics.add_backend(adapters.hypervisor.backend());
         let engine = Engine {
             state: Mutex::new(State {
                 pool,
@@ -297,6 +315,7 @@ impl Engine {
             // The rest of the tables is in the pool now; keep only what the pool lacks.
             functions: tables.functions,
             degraded: AtomicBool::new(false),
+            metrics,
         };
         for (a, why) in rejected {
             warn!(vf = %a.global_index, vm = %a.vm, why = %why, "dropping a stored assignment");
@@ -319,6 +338,16 @@ impl Engine {
     /// Whether a commit has failed.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The metrics the engine updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics exposition (Prometheus text format), the VF gauges counted now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode(&self.vf_counts())
     }
 
     /// Plans under the lock, applies in memory, queues to the store; then waits for the commit.
@@ -426,5 +455,14 @@ impl Engine {
                 })
             })
             .collect()
+    }
+}
+
+/// How an attach or release that returned `result` ended, for its duration's `outcome` label.
+fn outcome<T>(result: &Result<T, EngineError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(EngineError::Pool(_)) => Outcome::Refused,
+        Err(_) => Outcome::Failed,
     }
 }

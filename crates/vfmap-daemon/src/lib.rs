@@ -5,13 +5,15 @@
 //! - [`engine`]: attach/detach/recovery orchestration;
 //! - [`effects`]: the side-effect traits, with [`qmp`] (QEMU), [`channel`] (guest agent) and
 //!   the sysfs host as the real implementations;
-//! - [`api`]: HTTP/JSON on a unix socket; [`serve`]: start-up and configuration.
+//! - [`api`]: HTTP/JSON on a unix socket; [`serve`]: start-up and configuration;
+//! - [`metrics`]: the Prometheus registry the engine, channel and store update.
 
 pub mod api;
 pub mod channel;
 pub mod effects;
 pub mod engine;
 pub mod lines;
+pub mod metrics;
 pub mod paths;
 pub mod qmp;
 pub mod resync;

@@ -1,6 +1,7 @@
-//! `vfmap serve`: configuration, start-up (inventory, prepare, state, recovery) and the API
-//! socket.
+//! `vfmap serve`: configuration, start-up (inventory, prepare, state, recovery), the API
+//! socket and the optional metrics listener.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use vfmap_sysfs::{FileWriter, Modprobe, Sysfs};
 use crate::channel::AgentChannel;
 use crate::effects::SysfsHost;
 use crate::engine::{Adapters, Engine, EngineError};
+use crate::metrics::Metrics;
 use crate::paths::{PathError, bind_socket, lock_state_dir};
 use crate::qmp::{DeviceTemplate, Qmp};
 use crate::resync::Resyncs;
@@ -47,6 +49,14 @@ pub struct Config {
     /// does not give it (orphans), in milliseconds.
     #[serde(default = "default_reconcile")]
     pub reconcile_interval_ms: u64,
+    /// A TCP address that serves `GET /metrics` (and nothing else of the API); off when unset.
+    /// Only loopback addresses unless [`Config::metrics_listen_any`] is set.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a `metrics_listen` address that is not loopback (the metrics have no
+    /// authentication).
+    #[serde(default)]
+    pub metrics_listen_any: bool,
 }
 
 fn default_sysfs_root() -> PathBuf {
@@ -97,6 +107,15 @@ pub enum ServeError {
     /// The state directory or socket path is unsafe, taken or locked.
     #[error(transparent)]
     Paths(#[from] PathError),
+    /// The metrics listener cannot listen on its address.
+    #[error("cannot listen on metrics_listen = \"{address}\"")]
+    MetricsListen {
+        /// The configured address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The socket or state directory cannot be set up.
     #[error("cannot set up {}", path.display())]
     Setup {
@@ -157,6 +176,20 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
     if config.profiles.is_empty() {
         return Err("`profiles` is empty: give at least one profile file".into());
     }
+    match config.metrics_listen {
+        Some(address) if !address.ip().is_loopback() && !config.metrics_listen_any => {
+            return Err(format!(
+                "`metrics_listen = \"{address}\"` is not a loopback address, and the metrics have \
+                 no authentication: anyone who reaches it could read VM names and failures. Use \
+                 127.0.0.1 or [::1] (with a proxy in front if needed), or set \
+                 `metrics_listen_any = true` to serve them there anyway"
+            ));
+        }
+        None if config.metrics_listen_any => {
+            return Err("`metrics_listen_any` is set without `metrics_listen`".into());
+        }
+        _ => {}
+    }
     Ok(config)
 }
 
@@ -172,6 +205,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // One daemon per state directory, checked before anything is read or changed: a second
     // daemon would otherwise prepare and recover under the first one's feet.
     let _lock = lock_state_dir(&config.state_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    // Bound before anything changes on the host, so a taken port stops the start cleanly;
+    // it serves once the engine is up (connections wait in the backlog until then).
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some((
+            address,
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::MetricsListen { address, source })?,
+        )),
+        None => None,
+    };
     let profiles = load_profiles(&config.profiles)?;
     let sysfs = Sysfs::new(&config.sysfs_root).with_threads(1);
     let settle = Duration::from_millis(config.settle_ms);
@@ -197,7 +242,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
 
     let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
-    let (store, loaded) = Store::open(&config.state_dir.join("state.db"), &locations)?;
+    let (store, loaded) = Store::open_with_metrics(
+        &config.state_dir.join("state.db"),
+        &locations,
+        metrics.clone(),
+    )?;
 
     let template =
         DeviceTemplate::parse(&config.device_template).map_err(|message| ServeError::Config {
@@ -210,12 +259,28 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             template,
             Duration::from_millis(config.qmp_timeout_ms),
         )),
-        channel: Arc::new(AgentChannel::new(resyncs.clone())),
+        channel: Arc::new(AgentChannel::new(resyncs.clone(), metrics.clone())),
         host: Arc::new(SysfsHost { sysfs, settle }),
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),
     };
-    let engine = Arc::new(Engine::new(tables, store, loaded, adapters).await?);
+    let engine = Arc::new(Engine::with_metrics(tables, store, loaded, adapters, metrics).await?);
     engine.recover().await?;
+    if let Some((configured, listener)) = metrics_listener {
+        // The port the system chose, when the address asked for port 0.
+        let address = listener
+            .local_addr()
+            .map_err(|source| ServeError::MetricsListen {
+                address: configured,
+                source,
+            })?;
+        info!(address = %address, "metrics listening (GET /metrics only)");
+        let app = crate::api::metrics_router(engine.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     // An agent that (re)connects gets its VM's whole correspondence again: one re-send per
     // VM at a time, at most one waiting, and none sooner than RESYNC_SPACING after the last.
     let resyncer = engine.clone();
@@ -277,4 +342,47 @@ async fn shutdown_signal() {
         }
     }
     info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<Config, String> {
+        parse_config(&format!(
+            "profiles = [\"/p.toml\"]\nstate_dir = \"/s\"\nsocket = \"/a.sock\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_by_default_and_loopback_only_unless_told() {
+        assert_eq!(config("").unwrap().metrics_listen, None);
+        for loopback in ["127.0.0.1:9464", "127.0.0.2:0", "[::1]:9464"] {
+            let parsed = config(&format!("metrics_listen = \"{loopback}\"")).unwrap();
+            assert_eq!(parsed.metrics_listen, Some(loopback.parse().unwrap()));
+        }
+        for other in [
+            "0.0.0.0:9464",
+            "[::]:9464",
+            "192.0.2.1:9464",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let error = config(&format!("metrics_listen = \"{other}\"")).unwrap_err();
+            assert!(
+                error.contains(&format!(
+                    "`metrics_listen = \"{other}\"` is not a loopback address"
+                )) && error.contains("`metrics_listen_any = true`"),
+                "{error}"
+            );
+            let allowed = config(&format!(
+                "metrics_listen = \"{other}\"\nmetrics_listen_any = true"
+            ))
+            .unwrap();
+            assert_eq!(allowed.metrics_listen, Some(other.parse().unwrap()));
+        }
+        assert!(config("metrics_listen_any = true").is_err());
+        // An address, not a name: nothing is resolved.
+        assert!(config("metrics_listen = \"localhost:9464\"").is_err());
+        assert!(config("metrics_listen = \"127.0.0.1\"").is_err());
+    }
 }

@@ -2,12 +2,13 @@
 //!
 //! One writer thread owns the connection. Callers send [`Mutation`]s and await the commit;
 //! mutations that arrive together share one transaction (group commit), each in its own
-//! savepoint so one failing mutation does not take the others down.
+//! savepoint so one failing mutation does not take the others down. The writer times each
+//! batch's commit (`vfmap_store_commit_duration_seconds`).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
@@ -16,6 +17,8 @@ use vfmap_core::{
     AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, LocalIndex,
     VmName, VmSpec,
 };
+
+use crate::metrics::Metrics;
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -171,14 +174,24 @@ fn bad_row(table: &'static str, detail: impl Into<String>) -> StoreError {
 impl Store {
     /// Opens the database at `path`, gives every location in `locations` a stable global index
     /// (kept from earlier runs, new ones after the highest), loads the state, and starts the
-    /// writer thread.
+    /// writer thread. Its commits are measured in a registry of its own: see
+    /// [`Store::open_with_metrics`].
     pub fn open(path: &Path, locations: &[Bdf]) -> Result<(Store, Loaded), StoreError> {
+        Store::open_with_metrics(path, locations, Arc::default())
+    }
+
+    /// [`Store::open`], with the writer's commit durations going to `metrics`.
+    pub fn open_with_metrics(
+        path: &Path,
+        locations: &[Bdf],
+        metrics: Arc<Metrics>,
+    ) -> Result<(Store, Loaded), StoreError> {
         let mut conn = open_connection(path)?;
         let loaded = load(&mut conn, locations)?;
         let (jobs, inbox) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("vfmap-store".into())
-            .spawn(move || writer(conn, inbox))
+            .spawn(move || writer(conn, inbox, &metrics))
             .map_err(|e| bad_row("(thread)", e.to_string()))?;
         Ok((Store { jobs }, loaded))
     }
@@ -349,7 +362,7 @@ fn read_detail(
     }
 }
 
-fn writer(mut conn: Connection, inbox: mpsc::Receiver<Job>) {
+fn writer(mut conn: Connection, inbox: mpsc::Receiver<Job>, metrics: &Metrics) {
     while let Ok(first) = inbox.recv() {
         let mut batch = vec![first];
         while batch.len() < 256 {
@@ -358,7 +371,9 @@ fn writer(mut conn: Connection, inbox: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let started = Instant::now();
         let results = commit_batch(&mut conn, &batch);
+        metrics.store_committed(started.elapsed());
         for ((_, done), result) in batch.into_iter().zip(results) {
             let _ = done.send(result);
         }

@@ -17,7 +17,7 @@ use vfmap_api::ErrorBody;
 // The handlers, for `paths(...)` (utoipa finds each one's declaration beside it).
 use super::{
     __path_add_vm, __path_attach, __path_detach, __path_get_vm, __path_health, __path_inventory,
-    __path_list_vms, __path_openapi_document, __path_remove_vm,
+    __path_list_vms, __path_metrics, __path_openapi_document, __path_remove_vm,
 };
 
 /// What the document says before its paths.
@@ -25,6 +25,7 @@ const DESCRIPTION: &str = "\
 HTTP/1.1 + JSON on the daemon's unix socket (`socket` in the config, mode 0600), e.g.
 `curl --unix-socket /run/vfmap/vfmap.sock http://vfmap/v1/health`.
 
+Responses are JSON, except `GET /metrics` (the Prometheus text format, for scrapers).
 Request bodies are JSON (`Content-Type: application/json`, else 415), at most 65,536 bytes
 (else 413), and reject unknown fields (400). Every error, on any path and method, is
 `{\"error\": {\"code\": \"<stable code>\", \"message\": \"<one line>\", ...}}` (schema `Error`;
@@ -63,6 +64,7 @@ here fails it.";
         attach,
         detach,
         openapi_document,
+        metrics,
     ),
     components(
         schemas(vfmap_api::ErrorBody),

@@ -5,7 +5,22 @@ use super::*;
 impl Engine {
     /// Serves a request: reserves VFs and local indexes, then plugs each and has the agent bind
     /// its driver. All or nothing: if one VF fails, the others of the request are released.
+    /// Timed (`vfmap_attach_duration_seconds`).
     pub async fn attach(
+        &self,
+        request: Request,
+    ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {
+        let started = Instant::now();
+        let result = self.attach_request(request).await;
+        self.metrics.attach_done(
+            self.adapters.hypervisor.backend(),
+            outcome(&result),
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn attach_request(
         &self,
         request: Request,
     ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {

@@ -40,7 +40,8 @@ impl Engine {
 
     /// Completes or rolls back everything in flight after a restart, frees VFs whose VM lost
     /// them, and unplugs devices with vfmap's ids that the database does not hold. Runs before
-    /// the API opens, so no VF is handed out before its state is known.
+    /// the API opens, so no VF is handed out before its state is known. Each assignment's
+    /// decision is counted (`vfmap_recovery_assignments_total`).
     pub async fn recover(&self) -> Result<(), EngineError> {
         let (vms, held): (Vec<VmSpec>, Vec<Assignment>) = {
             let s = self.lock();
@@ -61,6 +62,9 @@ impl Engine {
                     let e = chain(&e);
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
                     self.defer_cleanups(&vm, &mine, &e).await;
+                    for _ in &mine {
+                        self.metrics.recovered(Recovered::Deferred);
+                    }
                     continue;
                 }
             };
@@ -69,6 +73,7 @@ impl Engine {
                 let is_plugged = plugged.contains(&device_id(a.global_index));
                 let decision = plan_recovery(a.state, is_plugged);
                 info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
+                self.metrics.recovered(decision.into());
                 let incomplete = match decision {
                     Recovery::Keep => None,
                     Recovery::RollBack => {

@@ -45,7 +45,19 @@ impl Engine {
 
     /// Releases a VM's local index: the agent unbinds, the hypervisor unplugs, the VF is reset
     /// and rebound to its host driver, then freed. A release that failed half-way is retried.
+    /// Timed (`vfmap_detach_duration_seconds`).
     pub async fn detach(&self, vm: &str, local_index: LocalIndex) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let result = self.release(vm, local_index).await;
+        self.metrics.detach_done(
+            self.adapters.hypervisor.backend(),
+            outcome(&result),
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn release(&self, vm: &str, local_index: LocalIndex) -> Result<(), EngineError> {
         let spec = self.vm_spec(vm)?;
         let current = self
             .lock()

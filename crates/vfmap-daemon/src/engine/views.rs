@@ -153,6 +153,40 @@ impl Engine {
         .unwrap_or_default()
     }
 
+    /// VFs by function and state, for the metrics: one pass over the pool under the lock,
+    /// counts only. Every function of the tables is there, with zeros; VFs no function
+    /// covers are not counted.
+    pub fn vf_counts(&self) -> Vec<VfCounts> {
+        let mut counts: Vec<VfCounts> = self
+            .functions
+            .iter()
+            .map(|f| VfCounts {
+                function: f.name.to_string(),
+                ..VfCounts::default()
+            })
+            .collect();
+        let position: BTreeMap<&str, usize> = self
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.as_str(), i))
+            .collect();
+        let state = self.lock();
+        for vf in state.pool.vfs() {
+            let Some(i) = vf.function.as_ref().and_then(|f| position.get(f.as_str())) else {
+                continue;
+            };
+            let c = &mut counts[*i];
+            match state.pool.assignment(vf.global_index) {
+                None => c.free += 1,
+                Some(a) if a.state != AssignState::Releasing => c.assigned += 1,
+                Some(_) if state.cleanups.contains_key(&vf.global_index) => c.failed += 1,
+                Some(_) => c.releasing += 1,
+            }
+        }
+        counts
+    }
+
     /// Checks the pool's invariants (health endpoint, tests).
     pub fn check(&self) -> Result<(), String> {
         self.lock().pool.check_invariants()
