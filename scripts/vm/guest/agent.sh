@@ -1,10 +1,17 @@
 # The agent VM: vfmap-agent serves the virtio-serial port "vfmap"; every second the guest's
 # own view is printed for the host test: devices.json and each PCI device's driver.
+set -eu
+set -o pipefail
 . /lib/vfmap/lib.sh
 modprobe virtio_pci
 modprobe virtio_console
 mkdir -p /run/vfmap
-vfmap-agent > /dev/console 2>&1 &
+# The agent runs for the VM's life; should it ever stop, its exit code is reported.
+(
+    rc=0
+    vfmap-agent > /dev/console 2>&1 || rc=$?
+    echo "VFMAP-AGENT-EXIT $rc"
+) &
 # Benchmark baseline (vfmap.baseline=1): the bare minimum by hand, with no vfmap involved. A
 # shell binds pci-stub to whatever appears behind root port 03.3, with driver_override +
 # drivers_probe, polling like the agent does.
@@ -14,9 +21,10 @@ if grep -q "vfmap.baseline=1" /proc/cmdline; then
         while true; do
             for d in /sys/devices/pci0000:00/0000:00:03.3/0000:0*; do
                 [ -e "$d/vendor" ] && [ ! -e "$d/driver" ] || continue
-                echo pci-stub > "$d/driver_override"
-                echo "${d##*/}" > /sys/bus/pci/drivers_probe
-                [ -e "$d/driver" ] && echo "VFMAP-BASELINE-BOUND ${d##*/}"
+                # The device may go away under us: then look again.
+                echo pci-stub 2> /dev/null > "$d/driver_override" || continue
+                echo "${d##*/}" 2> /dev/null > /sys/bus/pci/drivers_probe || continue
+                if [ -e "$d/driver" ]; then echo "VFMAP-BASELINE-BOUND ${d##*/}"; fi
             done
             sleep 0.05
         done
@@ -25,10 +33,12 @@ fi
 while true; do
     drivers=""
     for d in /sys/bus/pci/devices/*; do
-        drv=$(readlink "$d/driver" 2>/dev/null)
+        drv=$(readlink "$d/driver" 2> /dev/null) || drv=""
         drivers="$drivers ${d##*/}=${drv##*/}"
     done
     echo "VFMAP-DRIVERS$drivers"
-    echo "VFMAP-DEVICES $(tr -d '\n ' < /run/vfmap/devices.json 2>/dev/null)"
+    # Flattened to one line; the host reads it with a JSON parser.
+    devices=$(tr -d '\n ' < /run/vfmap/devices.json 2> /dev/null) || devices=""
+    echo "VFMAP-DEVICES $devices"
     sleep 1
 done

@@ -1,6 +1,8 @@
 # Captures the PCI part of this real kernel's sysfs into a tarball printed as base64, to be
 # committed as a golden fixture: attribute files copied, symlinks recreated with their real
 # relative targets. VFs are enabled with autoprobe off, VF0 bound to vfio-pci, VF1 to pci-stub.
+set -eu
+set -o pipefail
 . /lib/vfmap/lib.sh
 host_role_setup
 pf=/sys/bus/pci/devices/0000:01:00.0
@@ -21,11 +23,12 @@ for link in /sys/bus/pci/devices/*; do
     for a in vendor device subsystem_vendor subsystem_device class numa_node driver_override \
              sriov_totalvfs sriov_numvfs sriov_offset sriov_stride sriov_vf_device \
              sriov_drivers_autoprobe sriov_vf_total_msix; do
-        [ -f "$real/$a" ] && cat "$real/$a" > "$out$real/$a" 2>/dev/null
+        # An attribute that exists but cannot be read is captured as an empty file.
+        [ -f "$real/$a" ] && { cat "$real/$a" > "$out$real/$a" 2>/dev/null || :; }
     done
     for l in driver iommu_group physfn "$real"/virtfn*; do
         l=${l##*/}
-        [ -L "$real/$l" ] && ln -s "$(readlink "$real/$l")" "$out$real/$l"
+        if [ -L "$real/$l" ]; then ln -s "$(readlink "$real/$l")" "$out$real/$l"; fi
     done
 done
 # git keeps no empty directory: mark the ones driver/iommu_group links point to.

@@ -1,4 +1,6 @@
 # The demo inside the SR-IOV host-role guest: inventory before, prepare, inventory after.
+set -eu
+set -o pipefail
 . /lib/vfmap/lib.sh
 host_role_setup
 p=/etc/vfmap/profiles.toml

@@ -1,4 +1,8 @@
-# Helpers for the guest scenario scripts.
+# Helpers for the guest scenario scripts (busybox sh).
+#
+# A sourced library: it sets no shell options for its caller. The scripts that source it start
+# with `set -eu` and `set -o pipefail` themselves (busybox ash has both), and everything here
+# works under them.
 
 # wait_for_link PATH SECONDS: wait until PATH exists (drivers may probe asynchronously).
 wait_for_link() {
@@ -7,12 +11,14 @@ wait_for_link() {
     [ -e "$1" ]
 }
 
-# section NAME COMMAND...: run COMMAND, framing its output and exit code for the host to parse.
+# section NAME COMMAND...: run COMMAND, framing its output and exit code for the host to parse;
+# returns COMMAND's exit code (the host checks each section's code, and so do the scripts:
+# under `set -e` a failing section ends the script unless its caller expects the failure).
 section() {
     name=$1; shift
     echo "VFMAP-BEGIN $name"
-    "$@" 2>&1
-    rc=$?
+    rc=0
+    "$@" 2>&1 || rc=$?
     echo "VFMAP-END $name rc=$rc"
     return $rc
 }

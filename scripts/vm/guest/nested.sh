@@ -1,6 +1,8 @@
 # Outer (host-role) guest of the nested scenario: the SR-IOV PF and vfio here, the machine's own
 # root over 9p (read-only) for QEMU and the host binaries, writable paths on a tmpfs, then the
 # scenario script from the repository runs under chroot.
+set -eu
+set -o pipefail
 . /lib/vfmap/lib.sh
 host_role_setup
 modprobe virtio_pci

@@ -1,6 +1,11 @@
 # Shared by the nested scenario and the nested benchmark (sourced; runs in the outer guest,
-# under chroot of this machine's root). REPO must be set.
-set -u
+# under chroot of this machine's root, so bash, jq, socat, nvme-cli and QEMU are this machine's).
+# REPO must be set.
+#
+# A sourced library: it sets no shell options and no traps for its caller. The scripts that
+# source it run under `set -Eeuo pipefail` with the traps described at report_unfinished;
+# everything here works under those options.
+. "$REPO/scripts/vm/common.sh"
 W=/run/vfmap-nested
 export TMPDIR=$W
 mkdir -p "$W"
@@ -10,6 +15,8 @@ KVER=$(uname -r)
 API=$W/api.sock
 start_us=${EPOCHREALTIME/./}
 failed=0
+result=""
+error_at=""
 
 step() {
     local t=$((${EPOCHREALTIME/./} - start_us))
@@ -18,9 +25,41 @@ step() {
 check() { # check NAME OK? DETAIL
     if [ "$2" = ok ]; then echo "VFMAP-CHECK $1 ok $3"; else echo "VFMAP-CHECK $1 FAIL $3"; failed=1; fi
 }
+# result: prints the VFMAP-RESULT line from the checks so far (with the logs' tails on failure).
+result() {
+    if [ "$failed" = 0 ]; then
+        result=PASS
+        echo "VFMAP-RESULT PASS"
+    else
+        result=FAIL
+        echo "VFMAP-RESULT FAIL (logs: $W/daemon.log, $W/inner.console)"
+        tail -30 "$W/daemon.log" 2> /dev/null || :
+    fi
+}
+# For the scripts' traps, `trap 'error_at="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR`
+# and `trap report_unfinished EXIT`: a script that `set -e` stopped before its result says
+# which command failed, and fails.
+report_unfinished() {
+    local rc=$?
+    [ -n "$result" ] && exit "$rc"
+    check script FAIL "stopped (exit status $rc) at ${error_at:-an unknown command}"
+    result
+    exit $((rc ? rc : 1))
+}
 vfmap() { "$VFMAP" --socket "$API" "$@"; }
-# The guest's latest complete driver line (the console may be mid-line; lines end in \r).
-guest_drivers() { grep -a "^VFMAP-DRIVERS" "$W/inner.console" | tail -2 | head -1 | tr -d '\r' | tr ' ' '\n' | grep -v '^0000:00:' | grep '='; }
+
+# guest_line TAG: the rest of the guest's latest complete "TAG ..." console line (the line
+# being written may be cut short, so the one before it when there are two; lines end in \r).
+guest_line() {
+    [ -e "$W/inner.console" ] || return 0
+    awk -v tag="$1" '{ sub(/\r$/, "") }
+        substr($0, 1, length(tag)) == tag { n++; prev = last; last = substr($0, length(tag) + 1) }
+        END { line = n > 1 ? prev : last; sub(/^ /, "", line); print line }' "$W/inner.console"
+}
+# guest_drivers: BDF=DRIVER per line for the guest's devices behind its root ports.
+guest_drivers() {
+    guest_line VFMAP-DRIVERS | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /=/ && $i !~ /^0000:00:/) print $i }'
+}
 wait_guest() { # wait_guest SECONDS BDF=DRIVER...: until the guest's devices are exactly these
     local deadline=$((SECONDS + $1)); shift
     local want; want=$(printf '%s\n' "$@" | sort)
@@ -30,16 +69,40 @@ wait_guest() { # wait_guest SECONDS BDF=DRIVER...: until the guest's devices are
     done
     return 1
 }
-host_driver() { basename "$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null)" 2>/dev/null; }
+host_driver() { # the host driver bound to BDF, or nothing
+    local link
+    link=$(readlink "/sys/bus/pci/devices/$1/driver" 2> /dev/null) || return 0
+    echo "${link##*/}"
+}
+qmp_qdev_ids() { # every device id QEMU lists in query-pci, one per line
+    local out
+    out=$(printf '{"execute":"qmp_capabilities"}\n{"execute":"query-pci"}\n' |
+        socat -t 5 - "UNIX-CONNECT:$W/inner.qmp") || return
+    # QMP answers one JSON document per line: greeting, capabilities, then query-pci's list of
+    # buses (devices behind bridges are nested in them).
+    jq -r 'select(.return | type == "array") | .return | .. | objects | .qdev_id? // empty' <<< "$out"
+}
 qmp_devices() { # the vfmap devices QEMU has, from query-pci
-    printf '{"execute":"qmp_capabilities"}\n{"execute":"query-pci"}\n' |
-        socat -t 5 - "UNIX-CONNECT:$W/inner.qmp" | grep -o '"qdev_id": *"vfmap-vf[0-9]*"' | grep -o 'vfmap-vf[0-9]*' | sort | tr '\n' ' '
+    local ids
+    ids=$(qmp_qdev_ids) || return
+    { grep '^vfmap-vf[0-9]*$' <<< "$ids" || :; } | sort | tr '\n' ' '
 }
-status_devices() { # the devices the daemon says the VM holds, ready
-    vfmap --json status inner | tr '{' '\n' | grep '"state":"ready"' | grep -o '"global_index":[0-9]*' |
-        sed 's/"global_index":/vfmap-vf/' | sort | tr '\n' ' '
+status_devices() { # the devices the daemon says the VM holds, ready, named as QEMU names them
+    local doc
+    doc=$(vfmap --json status inner) || return
+    jq -r '.correspondence[] | select(.state == "ready") | "vfmap-vf\(.global_index)"' <<< "$doc" | sort | tr '\n' ' '
 }
-start_daemon() { "$VFMAP" serve --config "$W/vfmap.toml" 2>> "$W/daemon.log" & DAEMON=$!; for _ in $(seq 200); do [ -S "$API" ] && vfmap vm list > /dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+# start_daemon [VAR=VALUE...]: `vfmap serve` in the background with these variables set (its pid
+# in DAEMON); returns 0 once it answers, 1 if it does not within 20 s.
+start_daemon() {
+    env "$@" "$VFMAP" serve --config "$W/vfmap.toml" 2>> "$W/daemon.log" &
+    DAEMON=$!
+    for _ in $(seq 200); do
+        [ -S "$API" ] && vfmap vm list > /dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    return 1
+}
 
 cat > "$W/profiles.toml" <<'TOML'
 # QEMU's emulated NVMe PF (1b36:0010): its VFs report the PF's ID; the profile says what each does.
@@ -82,19 +145,18 @@ controllers_online() {
     done
 }
 
-# start_vm [EXTRA_KERNEL_ARGS]: the VM with 4 empty root ports, QMP, the channel and the agent;
-# returns when the agent serves its port.
+# start_vm [EXTRA_KERNEL_ARGS]: the VM with 4 empty root ports, QMP, the channel and the agent
+# (the same pieces as scripts/vm/run-agent-vm, from common.sh); returns when the agent serves
+# its port.
 start_vm() {
+    local devices=()
+    vm_root_ports devices 4
+    vm_agent_channel devices "$W/inner.agent"
     qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 256 -smp 1 -display none -no-reboot -monitor none \
         -kernel "/boot/vmlinuz-$KVER" -initrd "$AGENT_INITRD" \
         -append "console=ttyS0 quiet loglevel=3 panic=-1 vfmap.mode=agent ${1:-}" \
         -qmp "unix:$W/inner.qmp,server=on,wait=off" \
-        -device pcie-root-port,id=rp0,chassis=1,bus=pcie.0,addr=0x3.0,multifunction=on \
-        -device pcie-root-port,id=rp1,chassis=2,bus=pcie.0,addr=0x3.1 \
-        -device pcie-root-port,id=rp2,chassis=3,bus=pcie.0,addr=0x3.2 \
-        -device pcie-root-port,id=rp3,chassis=4,bus=pcie.0,addr=0x3.3 \
-        -device virtio-serial-pci -chardev "socket,id=vfmap,path=$W/inner.agent,server=on,wait=off" \
-        -device virtserialport,chardev=vfmap,name=vfmap -serial "file:$W/inner.console" &
-    for _ in $(seq 600); do grep -qa "serving on" "$W/inner.console" 2>/dev/null && break; sleep 0.5; done
+        "${devices[@]}" -serial "file:$W/inner.console" &
+    for _ in $(seq 600); do grep -qa "serving on" "$W/inner.console" 2> /dev/null && break; sleep 0.5; done
     grep -qa "serving on" "$W/inner.console" && check agent-up ok "" || check agent-up FAIL "no agent in the VM"
 }

@@ -7,12 +7,19 @@
 #
 # Output for people: "VFMAP-STEP <seconds> <what>" progress lines and the final table.
 # Output for the test: "VFMAP-CHECK <name> ok|FAIL <detail>" lines and "VFMAP-RESULT PASS|FAIL".
+# JSON (vfmap --json, the agent's devices.json, QMP) is read with jq, here on the outer side: the
+# inner VM is busybox only and just prints its devices.json.
 #   scenario.sh REPO
+# -E: the ERR trap also sees a failure inside a function, to say where the script stopped.
+set -Eeuo pipefail
 REPO=$1
 . "$REPO/scripts/vm/nested/lib.sh"
+trap 'error_at="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
+trap report_unfinished EXIT
+
 step "starting vfmap serve on this kernel's /sys (creates the VFs, binds them to vfio-pci)"
-start_daemon || { check daemon-start FAIL "see $W/daemon.log"; }
-vfmap inventory
+start_daemon && check daemon-start ok "" || check daemon-start FAIL "see $W/daemon.log"
+vfmap inventory && check inventory ok "" || check inventory FAIL "vfmap inventory failed"
 for vf in 0000:01:00.1 0000:01:00.2 0000:01:00.3; do
     d=$(host_driver $vf); [ "$d" = vfio-pci ] && check host-bound-$vf ok "$d" || check host-bound-$vf FAIL "driver '$d'"
 done
@@ -22,12 +29,19 @@ controllers_online
 
 step "starting the VM (4 empty root ports, QMP, virtio-serial channel, vfmap-agent inside)"
 start_vm
-vfmap vm add inner --qmp "$W/inner.qmp" --agent "$W/inner.agent" --slot rp0 --slot rp1 --slot rp2 --slot rp3
+vfmap vm add inner --qmp "$W/inner.qmp" --agent "$W/inner.agent" --slot rp0 --slot rp1 --slot rp2 --slot rp3 &&
+    check vm-add ok "" || check vm-add FAIL "vfmap vm add failed"
 
 for f in storage crypto compress; do
     step "vfmap attach inner $f"
-    out=$(vfmap --json attach inner $f 2>&1)
-    echo "$out" | grep -q '"state":"ready"' && check attach-$f ok "" || check attach-$f FAIL "$out"
+    # One row, for this function, ready, with the driver the guest must bind actually bound.
+    if out=$(vfmap --json attach inner "$f" 2> "$W/attach.err") &&
+        jq -e --arg f "$f" '.attached | length == 1 and .[0].function == $f and .[0].state == "ready"
+            and .[0].bound_driver == .[0].guest_driver' <<< "$out" > /dev/null; then
+        check attach-$f ok ""
+    else
+        check attach-$f FAIL "$out $(cat "$W/attach.err")"
+    fi
 done
 if wait_guest 60 0000:01:00.0=nvme 0000:02:00.0=pci-stub 0000:03:00.0=uio_pci_generic; then
     check guest-drivers ok "$(guest_drivers | tr '\n' ' ')"
@@ -35,10 +49,11 @@ else
     check guest-drivers FAIL "$(guest_drivers | tr '\n' ' ')"
 fi
 
-devices=$(grep -a "^VFMAP-DEVICES" "$W/inner.console" | tail -2 | head -1 | tr -d '\r')
-if echo "$devices" | grep -q '"function":"storage"[^}]*"driver":"nvme"' &&
-    echo "$devices" | grep -q '"function":"crypto"[^}]*"driver":"pci-stub"' &&
-    echo "$devices" | grep -q '"function":"compress"[^}]*"driver":"uio_pci_generic"'; then
+# The agent's /run/vfmap/devices.json, as the guest prints it: each function bound to its driver.
+devices=$(guest_line VFMAP-DEVICES)
+if jq -e 'def bound(f; d): any(.[]; .function == f and .driver == d and .state == "bound");
+        bound("storage"; "nvme") and bound("crypto"; "pci-stub") and bound("compress"; "uio_pci_generic")' \
+        <<< "$devices" > /dev/null 2>&1; then
     check devices-json ok "the agent's /run/vfmap/devices.json lists all three"
 else
     check devices-json FAIL "$devices"
@@ -52,30 +67,51 @@ else
     check detach-guest FAIL "$(guest_drivers | tr '\n' ' ')"
 fi
 d=$(host_driver 0000:01:00.2); [ "$d" = vfio-pci ] && check detach-host ok "back on vfio-pci, reset" || check detach-host FAIL "driver '$d'"
-vfmap --json inventory | grep -q '"location":"0000:01:00.2"[^}]*"vm":null' && check detach-pool ok "free" || check detach-pool FAIL "not free"
+if inventory=$(vfmap --json inventory) &&
+    jq -e 'any(.vfs[]; .location == "0000:01:00.2" and .vm == null and .state == null)' <<< "$inventory" > /dev/null; then
+    check detach-pool ok "free"
+else
+    check detach-pool FAIL "not free: ${inventory:-vfmap inventory failed}"
+fi
 grep -q "VF reset vf=0000:01:00.2" "$W/daemon.log" && check detach-reset ok "reset through sysfs" || check detach-reset FAIL "no reset logged"
 
 step "kill -9 of the daemon in the middle of an attach, then restart"
-kill -9 "$DAEMON"; wait "$DAEMON" 2> /dev/null
-VFMAP_FAILPOINT=plugged "$VFMAP" serve --config "$W/vfmap.toml" 2>> "$W/daemon.log" & DAEMON=$!
-for _ in $(seq 200); do [ -S "$API" ] && vfmap vm list > /dev/null 2>&1 && break; sleep 0.1; done
-vfmap attach inner crypto > /dev/null 2>&1
-wait "$DAEMON" 2> /dev/null # the failpoint aborts it right after committing "plugged"
+kill -9 "$DAEMON" || check daemon-alive FAIL "the daemon had stopped by itself"
+wait "$DAEMON" 2> /dev/null || : # killed: its status is 137
+if start_daemon VFMAP_FAILPOINT=plugged; then
+    # The failpoint aborts the daemon right after it commits "plugged": the attach must fail.
+    if vfmap attach inner crypto > /dev/null 2>&1; then
+        check failpoint FAIL "the attach completed: the daemon did not stop at plugged"
+    fi
+    rc=0
+    wait "$DAEMON" 2> /dev/null || rc=$?
+    [ "$rc" != 0 ] && check failpoint ok "the daemon died mid-attach (status $rc)" ||
+        check failpoint FAIL "the daemon exited 0"
+else
+    check failpoint FAIL "the daemon with the failpoint did not start"
+    kill -9 "$DAEMON" 2> /dev/null || :
+    wait "$DAEMON" 2> /dev/null || :
+fi
 start_daemon && check restart ok "" || check restart FAIL ""
-held=$(status_devices); plugged=$(qmp_devices)
+held=$(status_devices) || held="(vfmap status failed)"
+plugged=$(qmp_devices) || plugged="(query-pci failed)"
 [ "$held" = "$plugged" ] && check recovered-vs-qemu ok "[$held]" || check recovered-vs-qemu FAIL "status [$held] query-pci [$plugged]"
 if wait_guest 60 0000:01:00.0=nvme 0000:03:00.0=uio_pci_generic; then
     check recovered-vs-guest ok "$(guest_drivers | tr '\n' ' ')"
 else
     check recovered-vs-guest FAIL "$(guest_drivers | tr '\n' ' ')"
 fi
-vfmap --json status inner | grep -q '"state":"\(reserved\|host_bound\|plugged\|sent\|releasing\)"' &&
-    check recovered-nothing-in-flight FAIL "in-flight state left" || check recovered-nothing-in-flight ok ""
+if status=$(vfmap --json status inner) &&
+    jq -e 'all(.correspondence[]; .state == "ready")' <<< "$status" > /dev/null; then
+    check recovered-nothing-in-flight ok ""
+else
+    check recovered-nothing-in-flight FAIL "in-flight state left: ${status:-vfmap status failed}"
+fi
 
 step "final state"
 echo "VFMAP-TABLE-BEGIN"
-vfmap status inner
+vfmap status inner || check final-status FAIL "vfmap status failed"
 echo "guest's own view: $(guest_drivers | tr '\n' ' ')"
 echo "VFMAP-TABLE-END"
-[ $failed = 0 ] && echo "VFMAP-RESULT PASS" || { echo "VFMAP-RESULT FAIL (logs: $W/daemon.log, $W/inner.console)"; tail -30 "$W/daemon.log"; }
+result
 exit $failed
