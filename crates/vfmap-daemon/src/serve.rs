@@ -24,29 +24,33 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Root of the sysfs tree.
+    /// Root of the sysfs tree (default `/sys`).
     #[serde(default = "default_sysfs_root")]
     pub sysfs_root: PathBuf,
-    /// Device profile files.
+    /// Device profile files (at least one).
     pub profiles: Vec<PathBuf>,
-    /// Directory for the state database.
+    /// Directory for the state database and the single-instance lock (created mode 0700;
+    /// refused when another user owns it or can write it).
     pub state_dir: PathBuf,
-    /// The API's unix socket (created mode 0600).
+    /// The API's unix socket (created mode 0600; its directory must be private to this user).
     pub socket: PathBuf,
-    /// QEMU `device_add` template for a VF; `{bdf}` is its host address.
+    /// QEMU `device_add` template for a VF; `{bdf}` is its host address (default
+    /// `vfio-pci,host={bdf}`).
     #[serde(default = "default_template")]
     pub device_template: String,
-    /// How long the guest agent may take to answer, in milliseconds.
+    /// How long the guest agent may take to answer one correspondence, in milliseconds
+    /// (default 30,000); past it the attach is rolled back.
     #[serde(default = "default_agent_timeout")]
     pub agent_timeout_ms: u64,
-    /// How long one QMP operation may take, in milliseconds.
+    /// How long one QMP operation (connect, command, and for an unplug the `DEVICE_DELETED`
+    /// event) may take, in milliseconds (default 10,000).
     #[serde(default = "default_qmp_timeout")]
     pub qmp_timeout_ms: u64,
-    /// How long a host driver bind may take to show, in milliseconds.
+    /// How long a host driver bind may take to show, in milliseconds (default 5,000).
     #[serde(default = "default_settle")]
     pub settle_ms: u64,
     /// How often every VM is checked for devices with vfmap's ids that the state database
-    /// does not give it (orphans), in milliseconds.
+    /// does not give it (orphans), in milliseconds (default 30,000; at least 100).
     #[serde(default = "default_reconcile")]
     pub reconcile_interval_ms: u64,
     /// A TCP address that serves `GET /metrics` (and nothing else of the API); off when unset.
