@@ -178,7 +178,11 @@ fn inventory_text_shows_the_tables() {
         "--profiles",
         concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/profiles.toml"),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let row = text.lines().find(|l| l.contains("0000:01:00.2")).unwrap();
     let cells: Vec<&str> = row.split_whitespace().collect();
