@@ -79,18 +79,48 @@ fn guest_devices(console: &Path) -> Vec<Value> {
 
 #[test]
 fn three_same_id_devices_get_three_drivers_in_a_real_guest() {
-    let Some(agent) = common::require_guest_binary("vfmap-agent") else {
+    if common::require_guest_binary("vfmap-agent").is_none() {
         return;
-    };
+    }
     let root = common::repo_root();
     let work: PathBuf = root.join(".cache/vm/real-qemu");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let console = work.join("console.log");
+    // The agent goes into the guest the way an operator installs it: from its Debian package
+    // (its binary and its default config), not from target/.
+    let out = Command::new(root.join("scripts/package")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/package failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("/vfmap-agent_"))
+        .expect("scripts/package printed the vfmap-agent package")
+        .to_owned();
+    let unpacked = work.join("package");
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(status.success(), "dpkg-deb -x {deb} failed");
+    let (agent, config) = (
+        unpacked.join("usr/bin/vfmap-agent"),
+        unpacked.join("etc/vfmap/agent.toml"),
+    );
+    assert!(
+        agent.exists() && config.exists(),
+        "{deb} lacks the agent or its config"
+    );
     let initrd = root.join(".cache/vm/agent.cpio.gz");
     let status = Command::new(root.join("scripts/vm/build-initramfs"))
         .arg(&initrd)
         .arg(format!("{}:/bin/vfmap-agent", agent.display()))
+        .arg(format!("{}:/etc/vfmap/agent.toml", config.display()))
         .status()
         .unwrap();
     assert!(status.success(), "build-initramfs failed");
