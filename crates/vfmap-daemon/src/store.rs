@@ -66,22 +66,9 @@ pub struct Detail {
     pub unreadable: Option<String>,
 }
 
-/// A failed attach, kept for the API (the VM view's `failures`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// The VM.
-    pub vm: String,
-    /// The local index it would have had.
-    pub local_index: LocalIndex,
-    /// The function requested.
-    pub function: String,
-    /// The VF tried.
-    pub global_index: GlobalIndex,
-    /// Why it failed.
-    pub reason: String,
-    /// When (seconds since the epoch).
-    pub at: u64,
-}
+/// A failed attach, kept for the API (the VM view's `failures`): the API's own type, stored
+/// as a row.
+pub use vfmap_api::Failure;
 
 /// One durable change.
 #[derive(Debug, Clone)]

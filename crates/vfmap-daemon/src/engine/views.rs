@@ -23,14 +23,7 @@ impl Engine {
             .filter(|f| f.vm == name)
             .rev()
             .take(20)
-            .map(|f| vfmap_api::Failure {
-                vm: f.vm.clone(),
-                local_index: f.local_index,
-                function: f.function.clone(),
-                global_index: f.global_index,
-                reason: f.reason.clone(),
-                at: f.at,
-            })
+            .cloned()
             .collect();
         let VmSpec {
             name,
