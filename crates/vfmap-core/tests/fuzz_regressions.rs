@@ -7,7 +7,10 @@
 #[path = "../../../fuzz/src/core_checks.rs"]
 mod core_checks;
 
-use std::path::{Path, PathBuf};
+#[path = "../../../fuzz/src/replay.rs"]
+mod replay;
+
+use replay::{fuzz_dir, replay, sorted_entries};
 
 /// Every fuzz target; the daemon's tests replay the last three.
 const TARGETS: &[&str] = &[
@@ -19,36 +22,6 @@ const TARGETS: &[&str] = &[
     "daemon_config",
     "api_attach",
 ];
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
-}
-
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
-    paths.sort();
-    paths
-}
-
-/// Runs `check` on every kept input of `target`; fails naming each input that panics.
-fn replay(target: &str, check: fn(&[u8])) {
-    let mut failed = Vec::new();
-    let mut count = 0;
-    for kind in ["regressions", "corpus"] {
-        for file in sorted_entries(&fuzz_dir().join(kind).join(target)) {
-            let data = std::fs::read(&file).unwrap();
-            count += 1;
-            if std::panic::catch_unwind(|| check(&data)).is_err() {
-                failed.push(file.display().to_string());
-            }
-        }
-    }
-    assert!(count > 0, "no input for {target} under fuzz/");
-    assert!(failed.is_empty(), "{target} fails on {failed:#?}");
-}
 
 #[test]
 fn every_fuzz_input_directory_is_a_known_target() {
