@@ -80,11 +80,8 @@ impl Drop for Claim<'_> {
 
 /// `vfmap-vf<N>` → N: only ids vfmap itself gives.
 fn vfmap_index(id: &str) -> Option<GlobalIndex> {
-    let digits = id.strip_prefix("vfmap-vf")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let index = digits.parse().ok()?;
+    // GlobalIndex parses decimal digits only; the round trip refuses leading zeros.
+    let index: GlobalIndex = id.strip_prefix("vfmap-vf")?.parse().ok()?;
     (device_id(index) == id).then_some(index)
 }
 
