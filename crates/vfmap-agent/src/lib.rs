@@ -9,6 +9,7 @@
 //! cannot be had ([`Polling`]), events fed by a test double in tests.
 
 pub mod events;
+pub mod metadata;
 pub mod uevent;
 
 use std::collections::BTreeMap;
