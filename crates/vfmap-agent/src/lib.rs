@@ -8,6 +8,7 @@
 //! [`DeviceEvents`]: the kernel's uevents in the guest ([`UeventSocket`]), a poll where those
 //! cannot be had ([`Polling`]), events fed by a test double in tests.
 
+pub mod configdrive;
 pub mod events;
 pub mod metadata;
 pub mod uevent;
