@@ -4,6 +4,11 @@
 //! Every path is under a configurable sysfs root and run directory, so all of this runs in
 //! tests on generated guest trees; `main.rs` only adds the virtio-serial port loop.
 //!
+//! The correspondence comes from the host (over the port, [`Agent::apply`]) or from the
+//! orchestrator's config-drive metadata ([`Agent::apply_metadata`], see [`metadata`] and
+//! [`configdrive`]), or from both: each device is bound through the same path, and a device
+//! that both sources claim is refused to the second claimant, never taken over.
+//!
 //! Waiting (for a hot-plugged device to appear, for an asynchronous probe to bind) is driven by
 //! [`DeviceEvents`]: the kernel's uevents in the guest ([`UeventSocket`]), a poll where those
 //! cannot be had ([`Polling`]), events fed by a test double in tests.
@@ -21,8 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
-use vfmap_core::{Bdf, DriverName, LocalIndex, PciId};
+use vfmap_core::{Bdf, DriverName, FunctionName, LocalIndex, PciId};
 use vfmap_sysfs::{ModuleLoader, Sysfs, SysfsWriter};
+
+use crate::configdrive::ConfigDriveError;
 
 pub use events::{DeviceEvents, Polling, UeventSocket, Wake};
 pub use uevent::Uevent;
@@ -45,6 +52,58 @@ pub struct Config {
     pub hotplug_timeout_ms: u64,
     /// How long a driver may take to bind (some probe asynchronously), in milliseconds.
     pub bind_timeout_ms: u64,
+    /// `[metadata]`: also take the correspondence from the orchestrator's `meta_data.json`.
+    pub metadata: Option<MetadataConfig>,
+}
+
+/// `[metadata]`: where the orchestrator's `meta_data.json` is, and what its functions mean.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataConfig {
+    /// `"config-drive"` (the default): the block device labelled `config-2`; `"file"`: `path`.
+    #[serde(default)]
+    pub source: MetadataSource,
+    /// The `meta_data.json` to read when `source = "file"`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// How long to wait for the config drive to appear, in milliseconds.
+    #[serde(default = "MetadataConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `[metadata.functions.<name>]`: each function the metadata may name (its tags are
+    /// `vfmap:<name>`), with its guest driver and the IDs its devices must report.
+    #[serde(default)]
+    pub functions: BTreeMap<String, FunctionConfig>,
+}
+
+impl MetadataConfig {
+    fn default_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+/// Where the metadata is read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetadataSource {
+    /// The block device labelled `config-2`.
+    #[default]
+    ConfigDrive,
+    /// The file at `path`.
+    File,
+}
+
+/// One function of `[metadata.functions]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// The guest driver to bind, a plain module name (and in `allowed_drivers` when that is set).
+    pub driver: String,
+    /// Vendor ID the device must report (`"0x1b36"`), when set.
+    #[serde(default)]
+    pub vendor: Option<PciId>,
+    /// Device ID the device must report, when set.
+    #[serde(default)]
+    pub device: Option<PciId>,
 }
 
 impl Default for Config {
@@ -57,6 +116,7 @@ impl Default for Config {
             allowed_drivers: None,
             hotplug_timeout_ms: 10_000,
             bind_timeout_ms: 5_000,
+            metadata: None,
         }
     }
 }
@@ -114,17 +174,56 @@ pub enum AgentError {
     /// Binding failed.
     #[error("{0}")]
     Bind(String),
+    /// No device at the address the metadata gives.
+    #[error(
+        "no device at {bdf} after {waited:?} (the metadata's address is the hypervisor's view; see docs/metadata.md)"
+    )]
+    NoDeviceAt {
+        /// The address.
+        bdf: Bdf,
+        /// How long the agent waited.
+        waited: Duration,
+    },
+    /// The metadata names a function the config does not describe.
+    #[error("function {0} is not in this guest's [metadata.functions]")]
+    UnknownFunction(String),
+    /// The other source already has the device.
+    #[error(
+        "device {bdf} is claimed by both the host's correspondence and the config-drive metadata; {holder} has it, so this claim is refused (not overridden)"
+    )]
+    ClaimedTwice {
+        /// The device.
+        bdf: Bdf,
+        /// Who has it.
+        holder: String,
+    },
+}
+
+/// Where an entry of the correspondence came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The host daemon, over the virtio-serial port.
+    #[default]
+    Host,
+    /// The orchestrator's config-drive metadata.
+    Metadata,
 }
 
 /// One device the agent handles, as published in `devices.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
-    /// Local index.
-    pub local_index: LocalIndex,
+    /// Where the entry came from (`host` when absent, as written before there was a choice).
+    #[serde(default)]
+    pub source: Source,
+    /// Local index (entries from the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_index: Option<LocalIndex>,
     /// Function.
     pub function: String,
-    /// Guest path.
-    pub path: String,
+    /// Guest path (entries from the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Guest BDF, when found.
     pub guest_bdf: Option<String>,
     /// The driver bound, when bound.
@@ -143,7 +242,10 @@ pub struct Agent<'a> {
     writer: &'a dyn SysfsWriter,
     loader: &'a dyn ModuleLoader,
     events: Box<dyn DeviceEvents + 'a>,
+    /// The host's entries.
     current: BTreeMap<LocalIndex, Published>,
+    /// The metadata's entries.
+    from_metadata: BTreeMap<Bdf, Published>,
     timings: Vec<Timing>,
 }
 
@@ -208,13 +310,22 @@ impl<'a> Agent<'a> {
         events: Box<dyn DeviceEvents + 'a>,
     ) -> Agent<'a> {
         let sysfs = Sysfs::new(&config.sysfs_root);
-        let current = fs::read(config.run_dir.join("devices.json"))
+        let (mut current, mut from_metadata) = (BTreeMap::new(), BTreeMap::new());
+        let previous = fs::read(config.run_dir.join("devices.json"))
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Vec<Published>>(&bytes).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| (p.local_index, p))
-            .collect();
+            .unwrap_or_default();
+        for p in previous {
+            match (p.source, p.local_index, published_bdf(&p)) {
+                (Source::Host, Some(local_index), _) => {
+                    current.insert(local_index, p);
+                }
+                (Source::Metadata, _, Some(bdf)) => {
+                    from_metadata.insert(bdf, p);
+                }
+                _ => {}
+            }
+        }
         Agent {
             config,
             sysfs,
@@ -222,6 +333,7 @@ impl<'a> Agent<'a> {
             loader,
             events,
             current,
+            from_metadata,
             timings: Vec::new(),
         }
     }
@@ -231,9 +343,13 @@ impl<'a> Agent<'a> {
         &self.timings
     }
 
-    /// What is published now.
+    /// What is published now: the host's entries, then the metadata's.
     pub fn published(&self) -> Vec<Published> {
-        self.current.values().cloned().collect()
+        self.current
+            .values()
+            .chain(self.from_metadata.values())
+            .cloned()
+            .collect()
     }
 
     /// The device at `path`, waiting up to `timeout` for it to be hot-plugged: checked at
@@ -334,23 +450,26 @@ impl<'a> Agent<'a> {
         })
     }
 
-    fn bind_entry(
-        &mut self,
-        entry: &Entry,
-        received: Instant,
-    ) -> Result<(Bdf, Timing), AgentError> {
-        if let Some(allowed) = &self.config.allowed_drivers
-            && !allowed.iter().any(|d| d == entry.guest_driver.as_str())
-        {
-            return Err(AgentError::NotAllowed(entry.guest_driver.to_string()));
+    fn check_allowed(&self, driver: &DriverName) -> Result<(), AgentError> {
+        match &self.config.allowed_drivers {
+            Some(allowed) if !allowed.iter().any(|d| d == driver.as_str()) => {
+                Err(AgentError::NotAllowed(driver.to_string()))
+            }
+            _ => Ok(()),
         }
-        let bdf = self.resolve(
-            entry.path,
-            Duration::from_millis(self.config.hotplug_timeout_ms),
-        )?;
-        let found = Instant::now();
+    }
+
+    /// Checks the IDs the correspondence gives, binds `driver` and pins `driver_override`:
+    /// the one binding path of both sources.
+    fn bind_device(
+        &mut self,
+        bdf: Bdf,
+        driver: &DriverName,
+        vendor: Option<PciId>,
+        device: Option<PciId>,
+    ) -> Result<(), AgentError> {
         let dir = self.sysfs.device_dir(bdf);
-        for (attribute, expected) in [("vendor", entry.vendor), ("device", entry.device)] {
+        for (attribute, expected) in [("vendor", vendor), ("device", device)] {
             if let Some(expected) = expected {
                 let found = read_id(&dir, attribute);
                 if found != Some(expected) {
@@ -362,16 +481,36 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        self.bind(bdf, &entry.guest_driver)?;
+        self.bind(bdf, driver)?;
         // Pin the override too, so a re-probe keeps the function's driver.
         let override_path = dir.join("driver_override");
-        let pinned =
-            fs::read_to_string(&override_path).map(|t| t.trim() == entry.guest_driver.as_str());
+        let pinned = fs::read_to_string(&override_path).map(|t| t.trim() == driver.as_str());
         if !pinned.unwrap_or(false) {
             self.writer
-                .write(&override_path, entry.guest_driver.as_str())
+                .write(&override_path, driver.as_str())
                 .map_err(|e| AgentError::Bind(format!("cannot pin driver_override: {e}")))?;
         }
+        Ok(())
+    }
+
+    fn bind_entry(
+        &mut self,
+        entry: &Entry,
+        received: Instant,
+    ) -> Result<(Bdf, Timing), AgentError> {
+        self.check_allowed(&entry.guest_driver)?;
+        let bdf = self.resolve(
+            entry.path,
+            Duration::from_millis(self.config.hotplug_timeout_ms),
+        )?;
+        if let Some(holder) = self.from_metadata.get(&bdf).filter(|p| p.state == "bound") {
+            return Err(AgentError::ClaimedTwice {
+                bdf,
+                holder: format!("the metadata's function {}", holder.function),
+            });
+        }
+        let found = Instant::now();
+        self.bind_device(bdf, &entry.guest_driver, entry.vendor, entry.device)?;
         let timing = Timing {
             local_index: entry.local_index,
             device: found - received,
@@ -383,11 +522,7 @@ impl<'a> Agent<'a> {
     /// Unbinds a device that left the correspondence and clears its override. A device that is
     /// already gone (unplugged) needs nothing.
     fn release(&self, published: &Published) -> io::Result<()> {
-        let Some(bdf) = published
-            .guest_bdf
-            .as_deref()
-            .and_then(|b| b.parse::<Bdf>().ok())
-        else {
+        let Some(bdf) = published_bdf(published).filter(|_| published.state == "bound") else {
             return Ok(());
         };
         let dir = self.sysfs.device_dir(bdf);
@@ -431,9 +566,10 @@ impl<'a> Agent<'a> {
                             guest_bdf: bdf,
                         },
                         Published {
-                            local_index: entry.local_index,
+                            source: Source::Host,
+                            local_index: Some(entry.local_index),
                             function: entry.function.to_string(),
-                            path: entry.path.to_string(),
+                            path: Some(entry.path.to_string()),
                             guest_bdf: Some(bdf.to_string()),
                             driver: Some(entry.guest_driver.to_string()),
                             state: "bound".into(),
@@ -449,9 +585,10 @@ impl<'a> Agent<'a> {
                             reason: reason.clone(),
                         },
                         Published {
-                            local_index: entry.local_index,
+                            source: Source::Host,
+                            local_index: Some(entry.local_index),
                             function: entry.function.to_string(),
-                            path: entry.path.to_string(),
+                            path: Some(entry.path.to_string()),
                             guest_bdf: None,
                             driver: None,
                             state: "failed".into(),
@@ -472,8 +609,141 @@ impl<'a> Agent<'a> {
         answers
     }
 
-    /// Writes `devices.json` and `by-function/<function>/<local index>` → the device's sysfs
-    /// directory, each replaced atomically.
+    /// The device at `bdf` (an address from the metadata), waiting up to `timeout` for it:
+    /// orchestrator-placed devices are there at boot, but the agent may start first.
+    fn wait_for_device(&mut self, bdf: Bdf, timeout: Duration) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let vendor = self.sysfs.device_dir(bdf).join("vendor");
+        wait_until(
+            &mut *self.events,
+            deadline_after(timeout),
+            |event| event.is_pci() && event.name() == bdf.to_string(),
+            || vendor.exists().then_some(()),
+        )
+        .ok_or_else(|| AgentError::NoDeviceAt {
+            bdf,
+            waited: started.elapsed(),
+        })
+    }
+
+    fn bind_metadata_entry(
+        &mut self,
+        entry: &metadata::MetaEntry,
+        functions: &BTreeMap<String, FunctionConfig>,
+    ) -> Result<DriverName, AgentError> {
+        let function = functions
+            .get(entry.function.as_str())
+            .ok_or_else(|| AgentError::UnknownFunction(entry.function.to_string()))?;
+        let driver = DriverName::new(&function.driver).map_err(AgentError::Bind)?;
+        self.check_allowed(&driver)?;
+        let bdf = entry.guest_bdf;
+        if let Some((local_index, _)) = self
+            .current
+            .iter()
+            .find(|(_, p)| p.state == "bound" && published_bdf(p) == Some(bdf))
+        {
+            return Err(AgentError::ClaimedTwice {
+                bdf,
+                holder: format!("the host's local index {local_index}"),
+            });
+        }
+        self.wait_for_device(bdf, Duration::from_millis(self.config.hotplug_timeout_ms))?;
+        self.bind_device(bdf, &driver, function.vendor, function.device)?;
+        Ok(driver)
+    }
+
+    /// Makes the guest match the metadata's devices (`parsed.entries`, functions and drivers
+    /// from `functions`): binds each through the same path as the host's entries, releases
+    /// what a previous run bound from metadata that is no longer there, and publishes. A
+    /// device the host's correspondence already has is refused. Returns the metadata's
+    /// entries as published (each `bound` or `failed` with its reason).
+    pub fn apply_metadata(
+        &mut self,
+        parsed: &metadata::Parsed,
+        functions: &BTreeMap<String, FunctionConfig>,
+    ) -> Vec<Published> {
+        self.events.discard_pending();
+        for (bdf, old) in std::mem::take(&mut self.from_metadata) {
+            if parsed.entries.iter().any(|e| e.guest_bdf == bdf) {
+                self.from_metadata.insert(bdf, old);
+            } else if let Err(e) = self.release(&old) {
+                eprintln!("vfmap-agent: releasing {bdf} (metadata): {e}");
+            }
+        }
+        for entry in &parsed.entries {
+            let (driver, state, reason) = match self.bind_metadata_entry(entry, functions) {
+                Ok(driver) => (Some(driver.to_string()), "bound", None),
+                Err(e) => (
+                    None,
+                    "failed",
+                    Some(vfmap_core::protocol::fit_text(&e.to_string())),
+                ),
+            };
+            self.from_metadata.insert(
+                entry.guest_bdf,
+                Published {
+                    source: Source::Metadata,
+                    local_index: None,
+                    function: entry.function.to_string(),
+                    path: None,
+                    guest_bdf: Some(entry.guest_bdf.to_string()),
+                    driver,
+                    state: state.into(),
+                    reason,
+                },
+            );
+        }
+        if let Err(e) = self.publish() {
+            eprintln!(
+                "vfmap-agent: publishing to {}: {e}",
+                self.config.run_dir.display()
+            );
+        }
+        self.from_metadata.values().cloned().collect()
+    }
+
+    /// Reads the `meta_data.json` that `config` names, at most [`metadata::MAX_METADATA`]
+    /// bytes: the file, or the config drive, waited for up to `timeout_ms` (checked at once,
+    /// then on each block device uevent). Returns it with a description of where it was.
+    pub fn read_metadata(
+        &mut self,
+        config: &MetadataConfig,
+    ) -> Result<(Vec<u8>, String), ConfigDriveError> {
+        let limit = metadata::MAX_METADATA;
+        if let (MetadataSource::File, Some(path)) = (config.source, &config.path) {
+            return Ok((
+                configdrive::read_file(path, limit)?,
+                path.display().to_string(),
+            ));
+        }
+        let started = Instant::now();
+        let (sysfs_root, dev_root) = (&self.config.sysfs_root, &self.config.dev_root);
+        let drives = wait_until(
+            &mut *self.events,
+            deadline_after(Duration::from_millis(config.timeout_ms)),
+            |event| event.subsystem.as_deref() == Some("block"),
+            || Some(configdrive::find(sysfs_root, dev_root)).filter(|d| !d.is_empty()),
+        )
+        .ok_or_else(|| ConfigDriveError::NotFound {
+            waited_ms: started.elapsed().as_millis(),
+        })?;
+        let [drive] = drives.as_slice() else {
+            let names: Vec<&str> = drives.iter().map(|d| d.name.as_str()).collect();
+            return Err(ConfigDriveError::Several(names.join(", ")));
+        };
+        let bytes = configdrive::read_drive(drive, &std::env::temp_dir(), self.loader, limit)?;
+        let from = format!(
+            "{} ({}, label {})",
+            drive.node.display(),
+            drive.filesystem.mount_type(),
+            configdrive::LABEL
+        );
+        Ok((bytes, from))
+    }
+
+    /// Writes `devices.json` and `by-function/<function>/<name>` → the device's sysfs
+    /// directory, each replaced atomically. The name is the local index for the host's
+    /// entries, the guest address for the metadata's.
     pub fn publish(&self) -> io::Result<()> {
         let run = &self.config.run_dir;
         fs::create_dir_all(run)?;
@@ -484,17 +754,21 @@ impl<'a> Agent<'a> {
         let staging = run.join("by-function.tmp");
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
-        for p in self.current.values().filter(|p| p.state == "bound") {
-            let Some(bdf) = p.guest_bdf.as_deref().and_then(|b| b.parse::<Bdf>().ok()) else {
+        let all = self.current.values().chain(self.from_metadata.values());
+        for p in all.filter(|p| p.state == "bound") {
+            let Some(bdf) = published_bdf(p) else {
                 continue;
             };
             // Function names are validated ([a-z0-9._-]), so they are safe directory names.
+            if FunctionName::new(&p.function).is_err() {
+                continue;
+            }
+            let name = p
+                .local_index
+                .map_or_else(|| bdf.to_string(), |i| i.to_string());
             let dir = staging.join(&p.function);
             fs::create_dir_all(&dir)?;
-            std::os::unix::fs::symlink(
-                self.sysfs.device_dir(bdf),
-                dir.join(p.local_index.to_string()),
-            )?;
+            std::os::unix::fs::symlink(self.sysfs.device_dir(bdf), dir.join(name))?;
         }
         let live = run.join("by-function");
         let old = run.join("by-function.old");
@@ -506,6 +780,11 @@ impl<'a> Agent<'a> {
         let _ = fs::remove_dir_all(&old);
         Ok(())
     }
+}
+
+/// The guest address a published entry names, if any.
+fn published_bdf(published: &Published) -> Option<Bdf> {
+    published.guest_bdf.as_deref()?.parse().ok()
 }
 
 /// The device node of the virtio-serial port named `name`: the `vportNpM` directory under
@@ -535,4 +814,47 @@ pub fn check_allowlist(config: &Config) -> Result<(), String> {
         DriverName::new(d)?;
     }
     Ok(())
+}
+
+/// Checks `[metadata]`: a `path` exactly when `source = "file"`, at least one function, valid
+/// function and driver names. Returns warnings: functions whose driver the allowlist refuses
+/// (their devices are reported and skipped).
+pub fn check_metadata(config: &Config) -> Result<Vec<String>, String> {
+    let Some(metadata) = &config.metadata else {
+        return Ok(Vec::new());
+    };
+    match (metadata.source, &metadata.path) {
+        (MetadataSource::File, None) => {
+            return Err(
+                "[metadata] source = \"file\" needs path = \"/path/to/meta_data.json\"".into(),
+            );
+        }
+        (MetadataSource::ConfigDrive, Some(_)) => {
+            return Err(
+                "[metadata] path is read only with source = \"file\"; set source = \"file\" or remove path"
+                    .into(),
+            );
+        }
+        _ => {}
+    }
+    if metadata.functions.is_empty() {
+        return Err(
+            "[metadata] has no functions: add [metadata.functions.<name>] with driver = \"<module>\" for each function the metadata's vfmap:<name> tags name"
+                .into(),
+        );
+    }
+    let mut warnings = Vec::new();
+    for (name, function) in &metadata.functions {
+        FunctionName::new(name).map_err(|e| format!("[metadata.functions.{name}]: {e}"))?;
+        let driver = DriverName::new(&function.driver)
+            .map_err(|e| format!("[metadata.functions.{name}] driver: {e}"))?;
+        if let Some(allowed) = &config.allowed_drivers
+            && !allowed.iter().any(|d| d == driver.as_str())
+        {
+            warnings.push(format!(
+                "[metadata.functions.{name}] driver {driver} is not in allowed_drivers: its devices will be skipped; add it to allowed_drivers or change the driver"
+            ));
+        }
+    }
+    Ok(warnings)
 }

@@ -1,6 +1,8 @@
-//! `vfmap-agent`: the guest service. Opens the virtio-serial port named in its config, says
-//! hello, and answers every `apply` from the host; survives the host side disconnecting (the
-//! port then reads EOF) and reconnecting, and the port disappearing.
+//! `vfmap-agent`: the guest service. With `[metadata]` in its config, it first binds the
+//! devices the orchestrator's config-drive metadata assigns. Then it opens the virtio-serial
+//! port named in its config, says hello, and answers every `apply` from the host; survives the
+//! host side disconnecting (the port then reads EOF) and reconnecting, and the port
+//! disappearing. Without a port (metadata only) it keeps waiting for one, quietly.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write};
@@ -9,7 +11,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vfmap_agent::{
-    Agent, DeviceEvents, Polling, UeventSocket, check_allowlist, find_port, load_config,
+    Agent, DeviceEvents, MetadataConfig, Polling, UeventSocket, check_allowlist, check_metadata,
+    find_port, load_config, metadata,
 };
 use vfmap_core::lines::{Line, LineSplitter, read_line_sync};
 use vfmap_core::protocol::{
@@ -80,6 +83,49 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
     }
 }
 
+/// Reads, parses and applies the metadata, saying on stderr what was bound, skipped and why.
+fn serve_metadata(agent: &mut Agent<'_>, config: &MetadataConfig) {
+    let (bytes, from) = match agent.read_metadata(config) {
+        Ok(read) => read,
+        Err(e) => {
+            eprintln!("vfmap-agent: metadata: {e}; nothing is bound from metadata");
+            return;
+        }
+    };
+    let parsed = match metadata::parse(&bytes) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("vfmap-agent: metadata from {from}: {e}; nothing is bound from metadata");
+            return;
+        }
+    };
+    for rejected in &parsed.rejected {
+        eprintln!("vfmap-agent: metadata: {rejected}; skipped");
+    }
+    let published = agent.apply_metadata(&parsed, &config.functions);
+    for p in &published {
+        let bdf = p.guest_bdf.as_deref().unwrap_or("?");
+        match (&p.driver, &p.reason) {
+            (Some(driver), _) => eprintln!(
+                "vfmap-agent: metadata: {bdf} function {}: bound {driver}",
+                p.function
+            ),
+            (None, reason) => eprintln!(
+                "vfmap-agent: metadata: {bdf} function {}: failed: {}",
+                p.function,
+                reason.as_deref().unwrap_or("unknown")
+            ),
+        }
+    }
+    let bound = published.iter().filter(|p| p.state == "bound").count();
+    eprintln!(
+        "vfmap-agent: metadata from {from}: {bound} bound, {} failed, {} skipped, {} devices not vfmap's",
+        published.len() - bound,
+        parsed.rejected.len(),
+        parsed.ignored
+    );
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config_path = match args.as_slice() {
@@ -90,13 +136,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match load_config(&config_path).and_then(|c| check_allowlist(&c).map(|()| c)) {
-        Ok(config) => config,
+    let checked = load_config(&config_path).and_then(|c| {
+        check_allowlist(&c)?;
+        Ok((check_metadata(&c)?, c))
+    });
+    let config = match checked {
+        Ok((warnings, config)) => {
+            for w in warnings {
+                eprintln!("vfmap-agent: warning: {}: {w}", config_path.display());
+            }
+            config
+        }
         Err(e) => {
             eprintln!("vfmap-agent: error: {e}");
             return ExitCode::from(2);
         }
     };
+    let metadata_config = config.metadata.clone();
     let (sysfs_root, dev_root, port_name) = (
         config.sysfs_root.clone(),
         config.dev_root.clone(),
@@ -114,13 +170,22 @@ fn main() -> ExitCode {
         }
     };
     let mut agent = Agent::new(config, &FileWriter, &Modprobe, events);
+    if let Some(metadata_config) = &metadata_config {
+        serve_metadata(&mut agent, metadata_config);
+    }
     let mut said_waiting = false;
     loop {
         let Some(path) = find_port(&sysfs_root, &dev_root, &port_name) else {
             if !said_waiting {
-                eprintln!(
-                    "vfmap-agent: waiting for virtio-serial port {port_name:?} (is virtio_console loaded?)"
-                );
+                if metadata_config.is_some() {
+                    eprintln!(
+                        "vfmap-agent: no virtio-serial port {port_name:?}: serving the metadata's devices only; the port is used if it appears"
+                    );
+                } else {
+                    eprintln!(
+                        "vfmap-agent: waiting for virtio-serial port {port_name:?} (is virtio_console loaded?)"
+                    );
+                }
                 said_waiting = true;
             }
             std::thread::sleep(Duration::from_secs(1));

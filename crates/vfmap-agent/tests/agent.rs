@@ -1,13 +1,17 @@
 //! The agent on generated guest sysfs trees, with the fake kernel reacting to its writes and
 //! the kernel's uevents fed by a test double.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use vfmap_agent::uevent::{self, Action, Uevent};
-use vfmap_agent::{Agent, Config, DeviceEvents, Polling, Published, Wake, find_port};
+use vfmap_agent::{
+    Agent, Config, DeviceEvents, FunctionConfig, MetadataConfig, MetadataSource, Polling,
+    Published, Source, Wake, check_metadata, find_port, load_config, metadata,
+};
 use vfmap_core::protocol::{Answer, Entry};
 use vfmap_core::{Bdf, DriverName, FunctionName, LocalIndex, PciId};
 use vfmap_sysfs::SysfsWriter;
@@ -520,4 +524,288 @@ fn polling_waits_for_a_device_directory_without_attributes_yet() {
         .apply(&[entry(0, "storage", "nvme", "03.0/00.0")]);
     restore.join().unwrap();
     assert!(matches!(answers[0], Answer::Bound { .. }), "{answers:?}");
+}
+
+// ---- The correspondence from config-drive metadata, alone and with the host's ----
+
+fn functions(allowed_ids: bool) -> BTreeMap<String, FunctionConfig> {
+    let f = |driver: &str| FunctionConfig {
+        driver: driver.into(),
+        vendor: allowed_ids.then_some(PciId(0x1b36)),
+        device: allowed_ids.then_some(PciId(0x0010)),
+    };
+    BTreeMap::from([
+        ("storage".into(), f("nvme")),
+        ("compress".into(), f("uio_pci_generic")),
+        ("crypto".into(), f("pci-stub")),
+    ])
+}
+
+fn metadata_doc(devices: &[(&str, &str)]) -> metadata::Parsed {
+    let devices: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|(address, tag)| {
+            serde_json::json!({"type": "hostdev", "bus": "pci", "address": address,
+                "numaNode": 0, "tags": [tag]})
+        })
+        .collect();
+    let doc = serde_json::json!({"uuid": "vm", "devices": devices});
+    metadata::parse(doc.to_string().as_bytes()).unwrap()
+}
+
+fn states(published: &[Published]) -> Vec<(String, String, Option<String>)> {
+    published
+        .iter()
+        .map(|p| {
+            (
+                p.guest_bdf.clone().unwrap_or_default(),
+                p.state.clone(),
+                p.driver.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn metadata_alone_binds_each_tagged_device_its_functions_driver() {
+    let g = guest();
+    let mut agent = g.agent();
+    let parsed = metadata_doc(&[
+        ("0000:01:00.0", "vfmap:storage"),
+        ("0000:02:00.0", "vfmap:compress"),
+        ("0000:03:00.0", "vfmap:crypto"),
+    ]);
+    let published = agent.apply_metadata(&parsed, &functions(true));
+    assert_eq!(
+        states(&published),
+        [
+            ("0000:01:00.0".into(), "bound".into(), Some("nvme".into())),
+            (
+                "0000:02:00.0".into(),
+                "bound".into(),
+                Some("uio_pci_generic".into())
+            ),
+            (
+                "0000:03:00.0".into(),
+                "bound".into(),
+                Some("pci-stub".into())
+            ),
+        ]
+    );
+    assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
+    assert_eq!(g.driver("0000:02:00.0").as_deref(), Some("uio_pci_generic"));
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    let on_disk = g.published();
+    assert_eq!(on_disk.len(), 3);
+    assert!(
+        on_disk
+            .iter()
+            .all(|p| p.source == Source::Metadata && p.local_index.is_none() && p.path.is_none())
+    );
+    // by-function links are named by guest address for metadata entries.
+    let link = g.dir.path().join("run/by-function/crypto/0000:03:00.0");
+    assert!(
+        std::fs::canonicalize(link)
+            .unwrap()
+            .ends_with("0000:00:03.2/0000:03:00.0")
+    );
+    // Idempotent: a restarted agent reading the same metadata writes nothing new.
+    let writes = g.kernel.writes().len();
+    let mut again = g.agent();
+    again.apply_metadata(&parsed, &functions(true));
+    assert_eq!(g.kernel.writes().len(), writes);
+}
+
+#[test]
+fn metadata_entries_outside_the_config_are_reported_and_skipped() {
+    let g = guest();
+    let mut config = g.config();
+    config.allowed_drivers = Some(vec!["nvme".into(), "uio_pci_generic".into()]);
+    let (events, _feed) = fed(&g.tree, |_, _| {});
+    let mut agent = Agent::new(config, &g.kernel, &g.modules, events);
+    let mut functions = functions(true);
+    functions.get_mut("compress").unwrap().device = Some(PciId(0x1234));
+    let parsed = metadata_doc(&[
+        ("0000:01:00.0", "vfmap:unknown"),  // not in [metadata.functions]
+        ("0000:02:00.0", "vfmap:compress"), // wrong device ID
+        ("0000:03:00.0", "vfmap:crypto"),   // pci-stub not allowed
+        ("0000:09:00.0", "vfmap:storage"),  // no such device
+    ]);
+    let published = agent.apply_metadata(&parsed, &functions);
+    let reasons: Vec<String> = published
+        .iter()
+        .map(|p| {
+            assert_eq!(p.state, "failed");
+            p.reason.clone().unwrap()
+        })
+        .collect();
+    assert!(reasons[0].contains("function unknown is not in this guest's [metadata.functions]"));
+    assert!(reasons[1].contains("reports 0x0010, the correspondence says 0x1234"));
+    assert!(reasons[2].contains("pci-stub is not in this guest's allowed_drivers"));
+    assert!(reasons[3].contains("no device at 0000:09:00.0"));
+    for bdf in ["0000:01:00.0", "0000:02:00.0", "0000:03:00.0"] {
+        assert_eq!(g.driver(bdf), None, "{bdf} bound");
+    }
+    assert!(!g.dir.path().join("run/by-function/crypto").exists());
+}
+
+#[test]
+fn a_device_claimed_by_metadata_is_refused_to_the_host_and_the_reverse() {
+    let g = guest();
+    let mut agent = g.agent();
+    // The metadata has 01:00.0 (the device behind 03.0) for storage.
+    let parsed = metadata_doc(&[("0000:01:00.0", "vfmap:storage")]);
+    agent.apply_metadata(&parsed, &functions(false));
+    // The host sends all three: the first is the metadata's device.
+    let answers = agent.apply(&three());
+    match &answers[0] {
+        Answer::Failed { reason, .. } => assert!(
+            reason.contains("claimed by both")
+                && reason.contains("the metadata's function storage has it"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(answers[1], Answer::Bound { .. }));
+    assert!(matches!(answers[2], Answer::Bound { .. }));
+    assert_eq!(
+        g.driver("0000:01:00.0").as_deref(),
+        Some("nvme"),
+        "not taken over"
+    );
+    let published = g.published();
+    assert_eq!(published.len(), 4, "three host entries and the metadata's");
+    let host0 = published
+        .iter()
+        .find(|p| p.local_index == Some(LocalIndex::new(0)))
+        .unwrap();
+    assert_eq!(
+        (host0.state.as_str(), host0.guest_bdf.as_deref()),
+        ("failed", None)
+    );
+
+    // The reverse: a restarted agent whose metadata now also names the host's 03:00.0.
+    let mut agent = g.agent();
+    let parsed = metadata_doc(&[
+        ("0000:01:00.0", "vfmap:storage"),
+        ("0000:03:00.0", "vfmap:compress"),
+    ]);
+    let published = agent.apply_metadata(&parsed, &functions(false));
+    assert_eq!(published[0].state, "bound");
+    assert_eq!(published[1].state, "failed");
+    let reason = published[1].reason.as_deref().unwrap();
+    assert!(
+        reason.contains("the host's local index 2 has it"),
+        "{reason}"
+    );
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    // The host's re-send keeps its device; releasing it later leaves the metadata's alone.
+    let answers = agent.apply(&three()[1..]);
+    assert!(answers.iter().all(|a| matches!(a, Answer::Bound { .. })));
+    agent.apply(&[]);
+    assert_eq!(g.driver("0000:03:00.0"), None);
+    assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
+}
+
+#[test]
+fn metadata_entries_that_disappear_are_released_on_the_next_read() {
+    let g = guest();
+    let mut agent = g.agent();
+    agent.apply_metadata(
+        &metadata_doc(&[
+            ("0000:01:00.0", "vfmap:storage"),
+            ("0000:03:00.0", "vfmap:crypto"),
+        ]),
+        &functions(false),
+    );
+    let mut agent = g.agent();
+    agent.apply_metadata(
+        &metadata_doc(&[("0000:01:00.0", "vfmap:storage")]),
+        &functions(false),
+    );
+    assert_eq!(g.driver("0000:03:00.0"), None);
+    assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
+    assert_eq!(g.published().len(), 1);
+}
+
+#[test]
+fn the_metadata_file_source_and_config_checks() {
+    let g = guest();
+    let path = g.dir.path().join("meta_data.json");
+    std::fs::write(&path, br#"{"devices":[]}"#).unwrap();
+    let text = format!(
+        "[metadata]\nsource = \"file\"\npath = {path:?}\n[metadata.functions.crypto]\ndriver = \"pci-stub\"\nvendor = \"0x1b36\"\n"
+    );
+    let config_path = g.dir.path().join("agent.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let mut config = load_config(&config_path).unwrap();
+    assert_eq!(check_metadata(&config), Ok(vec![]));
+    let metadata_config = config.metadata.clone().unwrap();
+    config.sysfs_root = g.tree.root().to_owned();
+    let (events, _feed) = fed(&g.tree, |_, _| {});
+    let mut agent = Agent::new(config.clone(), &g.kernel, &g.modules, events);
+    let (bytes, from) = agent.read_metadata(&metadata_config).unwrap();
+    assert_eq!(bytes, br#"{"devices":[]}"#);
+    assert_eq!(from, path.display().to_string());
+
+    let check = |toml: &str| {
+        let mut c: Config = toml::from_str(toml).map_err(|e| e.to_string())?;
+        c.allowed_drivers = Some(vec!["nvme".into()]);
+        check_metadata(&c)
+    };
+    let need_path =
+        check("[metadata]\nsource = \"file\"\n[metadata.functions.a]\ndriver = \"nvme\"");
+    assert!(need_path.unwrap_err().contains("needs path"));
+    let stray_path = check("[metadata]\npath = \"/x\"\n[metadata.functions.a]\ndriver = \"nvme\"");
+    assert!(stray_path.unwrap_err().contains("only with source"));
+    assert!(check("[metadata]\n").unwrap_err().contains("no functions"));
+    let bad_driver = check("[metadata.functions.a]\ndriver = \"../x\"");
+    assert!(bad_driver.unwrap_err().contains("not a plain module name"));
+    let bad_name = check("[metadata.functions.A]\ndriver = \"nvme\"");
+    assert!(bad_name.unwrap_err().contains("not a valid function name"));
+    let warned = check("[metadata.functions.a]\ndriver = \"pci-stub\"").unwrap();
+    assert!(warned[0].contains("not in allowed_drivers"), "{warned:?}");
+    assert!(
+        check("[metadata]\nsourc = \"file\"").is_err(),
+        "unknown keys are errors"
+    );
+    assert!(check("[metadata.functions.a]\ndriver = \"nvme\"\nvendor = \"x\"").is_err());
+}
+
+#[test]
+fn the_config_drive_is_waited_for_and_reported_when_missing_or_doubled() {
+    let g = guest();
+    let metadata_config = MetadataConfig {
+        source: MetadataSource::ConfigDrive,
+        path: None,
+        timeout_ms: 100,
+        functions: functions(false),
+    };
+    let mut config = g.config();
+    config.dev_root = g.dir.path().join("dev");
+    std::fs::create_dir_all(&config.dev_root).unwrap();
+    let (events, _feed) = fed(&g.tree, |_, _| {});
+    let mut agent = Agent::new(config.clone(), &g.kernel, &g.modules, events);
+    let err = agent
+        .read_metadata(&metadata_config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no block device labelled config-2"), "{err}");
+    // Two drives labelled config-2 (ISO 9660 primary volume descriptors at 32 KiB).
+    for name in ["sr0", "vdb"] {
+        std::fs::create_dir_all(g.tree.root().join("class/block").join(name)).unwrap();
+        let mut image = vec![0u8; 34_816];
+        image[32_768..32_775].copy_from_slice(b"\x01CD001\x01");
+        image[32_808..32_840].fill(b' ');
+        image[32_808..32_816].copy_from_slice(b"config-2");
+        std::fs::write(config.dev_root.join(name), image).unwrap();
+    }
+    let err = agent
+        .read_metadata(&metadata_config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("several block devices are labelled config-2 (sr0, vdb)"),
+        "{err}"
+    );
 }
