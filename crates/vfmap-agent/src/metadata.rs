@@ -78,7 +78,7 @@ pub enum EntryError {
     #[error("address {0} is not a PCI address dddd:bb:dd.f")]
     BadAddress(String),
     /// Another entry for vfmap has the same address.
-    #[error("address {0} is given by several entries; all of them are skipped")]
+    #[error("address {0} is given by several entries, none trusted over the others")]
     DuplicateAddress(Bdf),
 }
 
@@ -427,7 +427,7 @@ mod tests {
         assert_eq!(indexes, [0, 2]);
         assert_eq!(
             parsed.rejected[0].to_string(),
-            "devices[0]: address 0000:07:00.0 is given by several entries; all of them are skipped"
+            "devices[0]: address 0000:07:00.0 is given by several entries, none trusted over the others"
         );
     }
 

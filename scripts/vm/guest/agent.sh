@@ -1,10 +1,13 @@
-# The agent VM: vfmap-agent serves the virtio-serial port "vfmap"; every second the guest's
-# own view is printed for the host test: devices.json and each PCI device's driver.
+# The agent VM: vfmap-agent serves the virtio-serial port "vfmap" (and, with [metadata] in its
+# config, the config drive's devices); every second the guest's own view is printed for the
+# host test: devices.json and each PCI device's driver.
 set -eu
 set -o pipefail
 . /lib/vfmap/lib.sh
 modprobe virtio_pci
 modprobe virtio_console
+# The disk driver of a config drive (metadata mode); what udev would load in a full system.
+modprobe virtio_blk
 mkdir -p /run/vfmap
 # The agent runs for the VM's life; should it ever stop, its exit code is reported.
 (
