@@ -2,7 +2,8 @@
 //! run (`fuzz/src/core_checks.rs`, included here by path): the minimized inputs that once
 //! crashed (`fuzz/regressions/<target>/`) and the seed corpus (`fuzz/corpus/<target>/`). So
 //! the normal test suite catches a regression without cargo-fuzz. Targets over the daemon's
-//! code are replayed by `crates/vfmap-daemon/tests/fuzz_regressions.rs`.
+//! code are replayed by `crates/vfmap-daemon/tests/fuzz_regressions.rs`, over the agent's by
+//! `crates/vfmap-agent/tests/fuzz_regressions.rs`.
 
 #[path = "../../../fuzz/src/core_checks.rs"]
 mod core_checks;
@@ -12,7 +13,8 @@ mod replay;
 
 use replay::{fuzz_dir, replay, sorted_entries};
 
-/// Every fuzz target; the daemon's tests replay the last three.
+/// Every fuzz target; the daemon's tests replay `channel_lines`, `daemon_config` and
+/// `api_attach`, the agent's `metadata`.
 const TARGETS: &[&str] = &[
     "guest_message",
     "host_message",
@@ -21,6 +23,7 @@ const TARGETS: &[&str] = &[
     "channel_lines",
     "daemon_config",
     "api_attach",
+    "metadata",
 ];
 
 #[test]
