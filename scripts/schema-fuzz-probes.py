@@ -58,7 +58,7 @@ def main():
     )
     schemas = doc["components"]["schemas"]
     examples = {
-        "/v1/vms": schemas["VmSpec"]["examples"][0],
+        "/v1/vms": schemas["NewVm"]["examples"][0],
         "/v1/vms/{name}/attach": schemas["AttachRequest"]["examples"][0],
     }
     passed, failed = 0, []

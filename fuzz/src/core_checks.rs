@@ -147,8 +147,9 @@ pub fn profiles(data: &[u8]) {
     }
 }
 
-/// `POST /v1/vms` body: `VmSpec` from JSON (the API's `Json` extractor is
-/// `serde_json::from_slice`), then `Pool::plan_add_vm`.
+/// A VM spec as the store reads it and `POST /v1/vms` registers it (the request completed by
+/// the hypervisor adapter): `VmSpec` from JSON (`serde_json::from_slice`), then
+/// `Pool::plan_add_vm`.
 ///
 /// Never panics; an accepted VM has 1-256 unique slots and absolute socket paths that fit a
 /// unix socket address, applies to a pool without breaking its invariants, is refused a second
@@ -170,7 +171,11 @@ pub fn api_vm_spec(data: &[u8]) {
     for (i, slot) in spec.slots.iter().enumerate() {
         assert!(!spec.slots[..i].contains(slot));
     }
-    for path in [&spec.qmp_socket, &spec.agent_socket] {
+    let mut paths = vec![spec.backend.agent_socket()];
+    if let vfmap_core::VmBackend::Qmp { qmp_socket, .. } = &spec.backend {
+        paths.push(qmp_socket);
+    }
+    for path in paths {
         assert!(path.starts_with('/') && path.len() <= 107 && !path.contains('\0'));
     }
     pool.apply(&change);

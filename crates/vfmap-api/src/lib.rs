@@ -14,12 +14,12 @@
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-pub use vfmap_core::VmSpec;
-use vfmap_core::openapi::{NumaNode, SocketPath};
+use vfmap_core::openapi::{DomainName, LibvirtUri, NumaNode, PortName, SocketPath};
 use vfmap_core::protocol::GuestPath;
 use vfmap_core::{
     AssignState, Bdf, DriverName, FunctionName, GlobalIndex, LocalIndex, PciId, SlotId, VmName,
 };
+pub use vfmap_core::{VmBackend, VmSpec};
 
 /// The largest number of VFs one attach may ask for (a VM has at most 256 slots).
 pub const MAX_COUNT: u32 = 256;
@@ -52,6 +52,126 @@ pub struct AttachRequest {
 
 fn one() -> u32 {
     1
+}
+
+/// The default virtio port name of the agent's channel in a libvirt domain.
+pub const DEFAULT_PORT_NAME: &str = "org.vfmap.0";
+/// The default libvirt connection URI.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+
+/// `POST /v1/vms`: register a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(
+    json!({"name": "web2", "backend": {"qmp": {"qmp_socket": "/run/vfmap/web2.qmp", "agent_socket": "/run/vfmap/web2.agent", "slots": ["rp0", "rp1"]}}}),
+    json!({"name": "web3", "backend": {"libvirt": {"domain": "web3"}}})
+))]
+pub struct NewVm {
+    /// The VM's name.
+    pub name: VmName,
+    /// Its hypervisor backend.
+    pub backend: NewVmBackend,
+    /// The VM's NUMA node, if pinned: VFs on that node are preferred.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "vfmap_core::whole::optional"
+    )]
+    #[schema(value_type = Option<NumaNode>)]
+    pub numa_node: Option<i32>,
+}
+
+/// The backend of a VM to register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NewVmBackend {
+    /// A QEMU started with a QMP socket, empty root ports and the agent's chardev.
+    Qmp {
+        /// QEMU's QMP unix socket.
+        #[schema(value_type = SocketPath)]
+        qmp_socket: String,
+        /// The unix socket behind the agent's virtio-serial port.
+        #[schema(value_type = SocketPath)]
+        agent_socket: String,
+        /// Ids of the VM's empty hot-plug slots (`pcie-root-port` ids), in order: local
+        /// index `i` is `slots[i]`.
+        #[schema(schema_with = vfmap_core::openapi::slots_schema)]
+        slots: Vec<SlotId>,
+    },
+    /// A running libvirt domain: the daemon reads its live XML for the slots (free
+    /// hot-pluggable `pcie-root-port`s) and the agent channel's socket.
+    Libvirt {
+        /// The domain's name.
+        #[schema(value_type = DomainName)]
+        domain: String,
+        /// The libvirt connection URI (local only).
+        #[serde(default = "default_uri")]
+        #[schema(value_type = LibvirtUri, default = "qemu:///system")]
+        uri: String,
+        /// The virtio port name of the agent's `<channel>` (vfmap-agent's `port_name`).
+        #[serde(default = "default_port_name")]
+        #[schema(value_type = PortName, default = "org.vfmap.0")]
+        port_name: String,
+        /// Also change the domain's persistent definition on attach and detach (default: live
+        /// only, so a restarted domain comes back without vfmap's devices).
+        #[serde(default)]
+        persistent: bool,
+        /// Narrows the slots to these root ports (libvirt's controller aliases, `pci.N`), in
+        /// this order; empty or absent: every free hot-pluggable root port, by index.
+        #[serde(default)]
+        #[schema(schema_with = vfmap_core::openapi::narrowing_slots_schema)]
+        slots: Vec<SlotId>,
+    },
+}
+
+fn default_uri() -> String {
+    DEFAULT_LIBVIRT_URI.to_owned()
+}
+
+fn default_port_name() -> String {
+    DEFAULT_PORT_NAME.to_owned()
+}
+
+impl NewVm {
+    /// Checks the values the daemon's own checks would only see after asking the hypervisor
+    /// (a libvirt domain name, URI and port name become `virsh` arguments); the error says
+    /// which rule failed.
+    pub fn check(&self) -> Result<(), String> {
+        match &self.backend {
+            NewVmBackend::Qmp { .. } => Ok(()),
+            NewVmBackend::Libvirt {
+                domain,
+                uri,
+                port_name,
+                ..
+            } => {
+                vfmap_core::check_domain_name(domain)?;
+                vfmap_core::check_libvirt_uri(uri)?;
+                vfmap_core::check_port_name(port_name)
+            }
+        }
+    }
+
+    /// The VM as registered when nothing needs to be looked up (QMP); `None` for a backend
+    /// whose slots and agent socket come from the hypervisor (libvirt).
+    pub fn qmp_spec(&self) -> Option<VmSpec> {
+        match &self.backend {
+            NewVmBackend::Qmp {
+                qmp_socket,
+                agent_socket,
+                slots,
+            } => Some(VmSpec {
+                name: self.name.clone(),
+                backend: VmBackend::Qmp {
+                    qmp_socket: qmp_socket.clone(),
+                    agent_socket: agent_socket.clone(),
+                },
+                slots: slots.clone(),
+                numa_node: self.numa_node,
+            }),
+            NewVmBackend::Libvirt { .. } => None,
+        }
+    }
 }
 
 /// The automatic retries of a release that waits for the hypervisor to confirm the unplug.
@@ -138,12 +258,8 @@ pub struct Failure {
 pub struct Vm {
     /// The VM's name.
     pub name: VmName,
-    /// QEMU's QMP unix socket.
-    #[schema(value_type = SocketPath)]
-    pub qmp_socket: String,
-    /// The unix socket behind the agent's virtio-serial port.
-    #[schema(value_type = SocketPath)]
-    pub agent_socket: String,
+    /// How the daemon drives the VM's hypervisor and reaches its agent.
+    pub backend: VmBackend,
     /// Ids of the VM's hot-plug slots: local index `i` is `slots[i]`.
     pub slots: Vec<SlotId>,
     /// The VM's NUMA node: VFs on it are preferred.
@@ -350,8 +466,14 @@ error_codes! {
     AttachFailed = "attach_failed", 502;
     /// Binding the VF to its host driver failed; the attach was rolled back.
     HostBindFailed = "host_bind_failed", 500;
-    /// The VM is not running: nothing listens on its QMP socket.
+    /// The VM is not running: nothing listens on its QMP socket, or its libvirt domain is
+    /// not active.
     VmNotRunning = "vm_not_running", 502;
+    /// The libvirt domain to register does not exist.
+    UnknownDomain = "unknown_domain", 404;
+    /// The VM to register lacks what vfmap needs (a free hot-pluggable root port, the agent's
+    /// channel); the message names it and the fix. Nothing was registered.
+    VmNotPrepared = "vm_not_prepared", 409;
     /// The VM has no such slot (no pcie-root-port with that id).
     SlotUnknown = "slot_unknown", 502;
     /// Something is already plugged in the slot.

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use regex::Regex;
 use utoipa::PartialSchema;
 use utoipa::openapi::{RefOr, Schema};
-use vfmap_core::openapi::SocketPath;
+use vfmap_core::openapi::{DomainName, LibvirtUri, PortName, SocketPath};
 use vfmap_core::{Bdf, DriverName, FunctionName, Pool, SlotId, VmName, VmSpec};
 
 /// The pattern (anchored) and `maxLength` of a string schema.
@@ -35,6 +35,9 @@ static SCHEMAS: LazyLock<HashMap<TypeId, (Regex, Option<usize>)>> = LazyLock::ne
         (TypeId::of::<DriverName>(), pattern_of::<DriverName>()),
         (TypeId::of::<Bdf>(), pattern_of::<Bdf>()),
         (TypeId::of::<SocketPath>(), pattern_of::<SocketPath>()),
+        (TypeId::of::<DomainName>(), pattern_of::<DomainName>()),
+        (TypeId::of::<PortName>(), pattern_of::<PortName>()),
+        (TypeId::of::<LibvirtUri>(), pattern_of::<LibvirtUri>()),
     ])
 });
 
@@ -51,14 +54,17 @@ fn near() -> impl Strategy<Value = String> {
         "[a-f0-9A-F:.\\-/x ]{0,20}",
         "[A-Za-z0-9._\\-/é\\x00 +]{0,12}",
         "/[ -~]{0,110}",
+        "[a-z+]{0,12}:/{0,4}[a-z/?=]{0,12}",
     ]
 }
 
 fn socket_ok(path: &str) -> bool {
     let spec = VmSpec {
         name: VmName::new("web").unwrap(),
-        qmp_socket: path.to_owned(),
-        agent_socket: "/run/a".to_owned(),
+        backend: vfmap_core::VmBackend::Qmp {
+            qmp_socket: path.to_owned(),
+            agent_socket: "/run/a".to_owned(),
+        },
         slots: vec![SlotId::new("rp0").unwrap()],
         numa_node: None,
     };
@@ -98,6 +104,24 @@ macro_rules! agrees {
             "Bdf {:?}",
             text
         );
+        prop_assert_eq!(
+            documented::<DomainName>(text),
+            vfmap_core::check_domain_name(text).is_ok(),
+            "DomainName {:?}",
+            text
+        );
+        prop_assert_eq!(
+            documented::<PortName>(text),
+            vfmap_core::check_port_name(text).is_ok(),
+            "PortName {:?}",
+            text
+        );
+        prop_assert_eq!(
+            documented::<LibvirtUri>(text),
+            vfmap_core::check_libvirt_uri(text).is_ok(),
+            "LibvirtUri {:?}",
+            text
+        );
         // Socket paths in ASCII (the schema's maxLength counts characters, the kernel bytes).
         if text.is_ascii() {
             prop_assert_eq!(
@@ -124,7 +148,13 @@ proptest! {
         slot in "[A-Za-z][A-Za-z0-9._-]{0,63}",
         function in "[a-z0-9][a-z0-9._-]{0,63}",
         bdf in "[0-9A-Fa-f]{1,8}:[0-9A-Fa-f]{1,2}:(0?[0-9A-Fa-f]|1[0-9A-Fa-f])\\.[0-7]",
+        domain in "[!-,.0-~][!-.0-~]{0,199}",
+        uri in "[A-Za-z0-9_-]{1,10}(\\+unix)?:///[!-~]{0,40}",
     ) {
+        agrees!(&domain);
+        agrees!(&uri);
+        prop_assert!(vfmap_core::check_domain_name(&domain).is_ok());
+        prop_assert!(vfmap_core::check_libvirt_uri(&uri).is_ok());
         agrees!(&vm);
         agrees!(&slot);
         agrees!(&function);
@@ -155,7 +185,24 @@ fn edges() {
         "vfio-pci",
         "_x",
         "é",
+        "qemu:///system",
+        "qemu+unix:///system?socket=/run/x",
+        "qemu+ssh://host/system",
+        "qemu://host/system",
+        "org.vfmap.0",
+        "a b",
+        "a/b",
     ] {
+        assert_eq!(
+            documented::<DomainName>(text),
+            vfmap_core::check_domain_name(text).is_ok(),
+            "{text:?}"
+        );
+        assert_eq!(
+            documented::<LibvirtUri>(text),
+            vfmap_core::check_libvirt_uri(text).is_ok(),
+            "{text:?}"
+        );
         assert_eq!(
             documented::<VmName>(text),
             VmName::new(text).is_ok(),

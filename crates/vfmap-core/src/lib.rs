@@ -23,8 +23,8 @@ pub use facts::{HostFacts, PfFacts, Problem, VfFacts};
 pub use index::{GlobalIndex, LocalIndex};
 pub use plan::{PlanError, Step, plan_binds, plan_sriov};
 pub use pool::{
-    AssignState, Assignment, Change, Pool, PoolError, PoolVf, Recovery, Request, SlotId, VmName,
-    VmSpec, plan_recovery,
+    AssignState, Assignment, Change, Pool, PoolError, PoolVf, Recovery, Request, SlotId, VmBackend,
+    VmName, VmSpec, check_domain_name, check_libvirt_uri, check_port_name, plan_recovery,
 };
 pub use profile::{DriverName, FunctionDesc, FunctionName, ProfileError, Profiles};
 pub use tables::{Tables, VfEntry};

@@ -157,6 +157,48 @@ schema!(
     )
 );
 
+/// The schema of a libvirt domain name (`VmBackend::Libvirt`'s `domain`): a schema only, the
+/// values are `String`s that [`crate::check_domain_name`] checks.
+pub enum DomainName {}
+
+schema!(
+    DomainName,
+    string(
+        "^[!-,.0-~][!-.0-~]{0,199}$",
+        None,
+        "A libvirt domain name: printable ASCII without spaces or `/`, not starting with `-`, \
+         at most 200 characters"
+    )
+);
+
+/// The schema of a libvirt connection URI: a schema only, the values are `String`s that
+/// [`crate::check_libvirt_uri`] checks.
+pub enum LibvirtUri {}
+
+schema!(
+    LibvirtUri,
+    string(
+        "^[A-Za-z0-9_-]+(\\+unix)?:///[!-~]*$",
+        Some(256),
+        "A local libvirt connection URI such as `qemu:///system`: `driver[+unix]:///path`, \
+         printable ASCII, at most 256 bytes"
+    )
+);
+
+/// The schema of a virtio-serial port name (the agent's channel): a schema only, the values
+/// are `String`s that [`crate::check_port_name`] checks.
+pub enum PortName {}
+
+schema!(
+    PortName,
+    string(
+        "^[A-Za-z0-9._-]{1,100}$",
+        None,
+        "A virtio-serial port name such as `org.vfmap.0`: letters, digits, `.`, `_`, `-`, at \
+         most 100 characters"
+    )
+);
+
 /// The schema of a NUMA node (`numa_node` fields, `i32` values): a schema only.
 pub enum NumaNode {}
 
@@ -179,6 +221,20 @@ pub fn slots_schema() -> utoipa::openapi::schema::Array {
         .description(Some(
             "Ids of the VM's empty hot-plug slots (pcie-root-ports), in order: local index i is \
              slots[i]",
+        ))
+        .build()
+}
+
+/// A libvirt VM's `slots` at registration: 0-256 distinct root port aliases that narrow the
+/// domain's free root ports (none: all of them).
+pub fn narrowing_slots_schema() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(SlotId::schema_ref())
+        .max_items(Some(256))
+        .unique_items(true)
+        .description(Some(
+            "Root ports (libvirt's controller aliases, pci.N) to use, in order; empty: every \
+             free hot-pluggable root port of the domain, by controller index",
         ))
         .build()
 }

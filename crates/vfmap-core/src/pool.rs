@@ -80,15 +80,15 @@ impl SlotId {
 
 crate::names::validated_name!(SlotId);
 
-/// A registered VM: how to reach it and where VFs can go. The body of `POST /v1/vms`.
+/// A registered VM: how to reach it and where VFs can go (as the daemon resolved it: for a
+/// libvirt domain, the slots and the agent socket come from the domain's live XML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(
     feature = "openapi",
     schema(examples(json!({
         "name": "web2",
-        "qmp_socket": "/run/vfmap/web2.qmp",
-        "agent_socket": "/run/vfmap/web2.agent",
+        "backend": {"qmp": {"qmp_socket": "/run/vfmap/web2.qmp", "agent_socket": "/run/vfmap/web2.agent"}},
         "slots": ["rp0", "rp1"]
     })))
 )]
@@ -96,12 +96,8 @@ crate::names::validated_name!(SlotId);
 pub struct VmSpec {
     /// The VM's name.
     pub name: VmName,
-    /// The hypervisor's control socket (for QEMU: the QMP unix socket).
-    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
-    pub qmp_socket: String,
-    /// The guest agent's channel (the virtio-serial port's unix socket on the host).
-    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
-    pub agent_socket: String,
+    /// How the daemon drives the VM's hypervisor and reaches its agent.
+    pub backend: VmBackend,
     /// Hot-plug slots in order: local index `i` is `slots[i]`.
     #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::slots_schema))]
     pub slots: Vec<SlotId>,
@@ -109,6 +105,114 @@ pub struct VmSpec {
     #[serde(default, deserialize_with = "crate::whole::optional")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::openapi::NumaNode>))]
     pub numa_node: Option<i32>,
+}
+
+/// The hypervisor backend of a VM, chosen per VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmBackend {
+    /// A QEMU started by hand with a QMP socket, empty root ports and the agent's chardev.
+    Qmp {
+        /// QEMU's QMP unix socket.
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
+        qmp_socket: String,
+        /// The guest agent's channel (the virtio-serial port's unix socket on the host).
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
+        agent_socket: String,
+    },
+    /// A libvirt domain: libvirt owns the QEMU monitor; vfmap goes through libvirt.
+    Libvirt {
+        /// The domain's name.
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::DomainName))]
+        domain: String,
+        /// The libvirt connection URI (e.g. `qemu:///system`).
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::LibvirtUri))]
+        uri: String,
+        /// The virtio port name of the agent's channel.
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::PortName))]
+        port_name: String,
+        /// The agent channel's host socket, read from the domain's live XML.
+        #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::SocketPath))]
+        agent_socket: String,
+        /// Whether attaches also change the domain's persistent definition (`--config`);
+        /// by default they are live only.
+        #[serde(default)]
+        persistent: bool,
+    },
+}
+
+impl VmBackend {
+    /// The host socket of the agent's channel.
+    pub fn agent_socket(&self) -> &str {
+        match self {
+            VmBackend::Qmp { agent_socket, .. } | VmBackend::Libvirt { agent_socket, .. } => {
+                agent_socket
+            }
+        }
+    }
+
+    /// The backend's name (`qmp`, `libvirt`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmBackend::Qmp { .. } => "qmp",
+            VmBackend::Libvirt { .. } => "libvirt",
+        }
+    }
+}
+
+/// A libvirt domain name as vfmap accepts it: printable ASCII without spaces or `/`, not
+/// starting with `-`, 1-200 bytes (libvirt's own rule is looser; this keeps it a safe `virsh`
+/// argument and file name).
+pub fn check_domain_name(text: &str) -> Result<(), String> {
+    if !text.is_empty()
+        && text.len() <= 200
+        && !text.starts_with('-')
+        && text.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not a valid libvirt domain name: printable ASCII without spaces or '/', not starting with '-', at most 200 characters"
+        ))
+    }
+}
+
+/// A virtio-serial port name as vfmap accepts it: letters, digits, `.`, `_`, `-`, 1-100 bytes.
+pub fn check_port_name(text: &str) -> Result<(), String> {
+    if !text.is_empty()
+        && text.len() <= 100
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not a valid port name: letters, digits, '.', '_' and '-', at most 100 characters"
+        ))
+    }
+}
+
+/// A libvirt connection URI as vfmap accepts it: a local one, `driver[+unix]:///path[?query]`
+/// (e.g. `qemu:///system`), printable ASCII, at most 256 bytes. A VF and the VM it goes to are
+/// on the same host, so a remote transport (`+ssh`, `+tls`, a host name) is refused: it would
+/// only let a request make the daemon open network connections.
+pub fn check_libvirt_uri(text: &str) -> Result<(), String> {
+    let local = text.split_once(":///").is_some_and(|(scheme, _)| {
+        let driver = scheme.strip_suffix("+unix").unwrap_or(scheme);
+        !driver.is_empty()
+            && driver
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+    });
+    if local && text.len() <= 256 && text.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not a local libvirt URI such as qemu:///system (driver[+unix]:///path, printable ASCII, at most 256 bytes)"
+        ))
+    }
 }
 
 /// Where an assignment is in its life.
@@ -440,10 +544,21 @@ impl Pool {
                 return Err(PoolError::InvalidVm(format!("slot {slot} is listed twice")));
             }
         }
-        for (field, path) in [
-            ("qmp_socket", &spec.qmp_socket),
-            ("agent_socket", &spec.agent_socket),
-        ] {
+        let mut paths = vec![("agent_socket", spec.backend.agent_socket())];
+        match &spec.backend {
+            VmBackend::Qmp { qmp_socket, .. } => paths.push(("qmp_socket", qmp_socket)),
+            VmBackend::Libvirt {
+                domain,
+                uri,
+                port_name,
+                ..
+            } => {
+                check_domain_name(domain).map_err(PoolError::InvalidVm)?;
+                check_libvirt_uri(uri).map_err(PoolError::InvalidVm)?;
+                check_port_name(port_name).map_err(PoolError::InvalidVm)?;
+            }
+        }
+        for (field, path) in paths {
             if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
                 return Err(PoolError::InvalidVm(format!(
                     "`{field}` must be an absolute path of at most 107 bytes (a unix socket path)"
@@ -850,8 +965,10 @@ mod tests {
     fn vm(n: &str, slots: usize, numa: Option<i32>) -> VmSpec {
         VmSpec {
             name: name(n),
-            qmp_socket: format!("/run/{n}.qmp"),
-            agent_socket: format!("/run/{n}.agent"),
+            backend: VmBackend::Qmp {
+                qmp_socket: format!("/run/{n}.qmp"),
+                agent_socket: format!("/run/{n}.agent"),
+            },
             slots: (0..slots)
                 .map(|i| SlotId::new(&format!("rp{i}")).unwrap())
                 .collect(),
@@ -1039,11 +1156,58 @@ mod tests {
             Err(PoolError::InvalidVm(_))
         ));
         let mut relative = vm("db", 1, None);
-        relative.qmp_socket = "qmp.sock".into();
+        relative.backend = VmBackend::Qmp {
+            qmp_socket: "qmp.sock".into(),
+            agent_socket: "/run/db.agent".into(),
+        };
         assert!(matches!(
             pool.plan_add_vm(relative),
             Err(PoolError::InvalidVm(_))
         ));
+    }
+
+    #[test]
+    fn libvirt_vms_are_checked_like_qmp_ones() {
+        let pool = Pool::default();
+        let libvirt = |domain: &str, uri: &str, port: &str, socket: &str| VmSpec {
+            backend: VmBackend::Libvirt {
+                domain: domain.into(),
+                uri: uri.into(),
+                port_name: port.into(),
+                agent_socket: socket.into(),
+                persistent: false,
+            },
+            ..vm("dom", 2, None)
+        };
+        assert!(
+            pool.plan_add_vm(libvirt("dom", "qemu:///system", "org.vfmap.0", "/run/a"))
+                .is_ok()
+        );
+        assert!(
+            pool.plan_add_vm(libvirt(
+                "dom",
+                "qemu+unix:///system?socket=/run/l",
+                "vfmap",
+                "/run/a"
+            ))
+            .is_ok()
+        );
+        for (domain, uri, port, socket) in [
+            ("-dom", "qemu:///system", "org.vfmap.0", "/run/a"),
+            ("a/b", "qemu:///system", "org.vfmap.0", "/run/a"),
+            ("dom", "qemu+ssh://host/system", "org.vfmap.0", "/run/a"),
+            ("dom", "qemu://host/system", "org.vfmap.0", "/run/a"),
+            ("dom", "qemu:///system", "a b", "/run/a"),
+            ("dom", "qemu:///system", "org.vfmap.0", "rel"),
+        ] {
+            assert!(
+                matches!(
+                    pool.plan_add_vm(libvirt(domain, uri, port, socket)),
+                    Err(PoolError::InvalidVm(_))
+                ),
+                "{domain} {uri} {port} {socket}"
+            );
+        }
     }
 
     #[test]

@@ -186,11 +186,13 @@ fn main() {
         };
         let engine = Arc::new(Engine::new(tables, store, loaded, adapters).await.unwrap());
         for vm in 0..clients {
-            let spec = VmSpec {
+            let spec = vfmap_api::NewVm {
                 name: vfmap_core::VmName::new(&format!("vm{vm}")).unwrap(),
-                qmp_socket: "/bench/qmp".into(),
-                agent_socket: "/bench/agent".into(),
-                slots: vec![SlotId::new("rp0").unwrap()],
+                backend: vfmap_api::NewVmBackend::Qmp {
+                    qmp_socket: "/bench/qmp".into(),
+                    agent_socket: "/bench/agent".into(),
+                    slots: vec![SlotId::new("rp0").unwrap()],
+                },
                 numa_node: None,
             };
             engine.add_vm(spec).await.unwrap();

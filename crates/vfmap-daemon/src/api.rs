@@ -22,9 +22,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use vfmap_api::{
     AttachRequest, Attached, Detached, ErrorBody, ErrorCode, Health, HealthStatus, Inventory,
-    Removed, Vm, VmList,
+    NewVm, Removed, Vm, VmList,
 };
-use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName, VmSpec};
+use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName};
 
 use crate::effects::{ChannelError, HypervisorError};
 use crate::engine::{Engine, EngineError, ReleaseError, StepError};
@@ -95,6 +95,7 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             ReleaseError::Unplug(e) => hypervisor_code(e),
             ReleaseError::Free(e) => status_of(e),
         },
+        EngineError::Register { error, .. } => hypervisor_code(error),
         EngineError::Store(_) => ErrorCode::StateError,
         EngineError::Degraded => ErrorCode::Degraded,
     }
@@ -118,13 +119,18 @@ fn step_code(error: &StepError) -> ErrorCode {
 
 fn hypervisor_code(error: &HypervisorError) -> ErrorCode {
     match error {
-        HypervisorError::NotRunning { .. } => ErrorCode::VmNotRunning,
+        HypervisorError::NotRunning { .. } | HypervisorError::DomainInactive { .. } => {
+            ErrorCode::VmNotRunning
+        }
+        HypervisorError::UnknownDomain { .. } => ErrorCode::UnknownDomain,
+        HypervisorError::NotPrepared(_) => ErrorCode::VmNotPrepared,
         HypervisorError::SlotUnknown { .. } => ErrorCode::SlotUnknown,
         HypervisorError::SlotOccupied { .. } => ErrorCode::SlotOccupied,
         HypervisorError::Timeout(_) => ErrorCode::HypervisorTimeout,
         HypervisorError::Unreachable { .. }
         | HypervisorError::Refused { .. }
-        | HypervisorError::Protocol(_) => ErrorCode::HypervisorFailed,
+        | HypervisorError::Protocol(_)
+        | HypervisorError::Unsupported(_) => ErrorCode::HypervisorFailed,
     }
 }
 
@@ -281,29 +287,38 @@ async fn list_vms(State(engine): Shared) -> Json<VmList> {
 
 /// Register a running VM
 ///
-/// Only validates and records: the VM's sockets are first used by an attach, so a VM whose
-/// QEMU is not running registers fine and its attaches answer 502.
+/// A `qmp` VM is only validated and recorded: its sockets are first used by an attach, so a
+/// VM whose QEMU is not running registers fine and its attaches answer 502. A `libvirt`
+/// domain is read from libvirt first (its live XML): its free hot-pluggable root ports become
+/// the slots and its agent channel's socket is recorded; an unknown domain (404
+/// `unknown_domain`), a domain not running (502 `vm_not_running`), one without a free root
+/// port or the channel (409 `vm_not_prepared`), or an unreachable libvirtd (502
+/// `hypervisor_failed`) registers nothing.
 #[utoipa::path(
     post,
     path = "/v1/vms",
-    request_body = VmSpec,
+    request_body = NewVm,
     responses(
         (status = 201, description = "Registered", body = Vm),
         (status = 400, response = BadRequest),
         (status = 405, response = MethodNotAllowed),
-        (status = 409, description = "`vm_exists`", body = ErrorBody),
+        (status = 404, description = "`unknown_domain`", body = ErrorBody),
+        (status = 409, description = "`vm_exists`, `vm_not_prepared`", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 500, response = StateError),
+        (status = 502, description = "`vm_not_running`, `hypervisor_failed`", body = ErrorBody),
         (status = 503, response = Degraded),
+        (status = 504, description = "`hypervisor_timeout`", body = ErrorBody),
     )
 )]
 async fn add_vm(
     State(engine): Shared,
-    body: Result<Json<VmSpec>, JsonRejection>,
+    body: Result<Json<NewVm>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    let Json(spec) = body?;
-    let view = engine.add_vm(spec).await?;
+    let Json(request) = body?;
+    request.check().map_err(ApiError::bad_request)?;
+    let view = engine.add_vm(request).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -788,7 +803,7 @@ mod http_tests {
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vfmap_core::protocol::{Answer, Entry, GuestPath};
-    use vfmap_core::{Bdf, DriverName, Profiles, SlotId, Tables};
+    use vfmap_core::{Bdf, DriverName, Profiles, SlotId, Tables, VmSpec};
 
     use super::*;
     use crate::effects::{
@@ -827,7 +842,7 @@ mod http_tests {
 
     fn stopped(vm: &VmSpec) -> HypervisorError {
         HypervisorError::NotRunning {
-            socket: vm.qmp_socket.clone(),
+            socket: vm.name.to_string(),
             reason: "test".into(),
         }
     }
@@ -841,7 +856,7 @@ mod http_tests {
         ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>> {
             Box::pin(async move {
                 Err(ChannelError::Unreachable {
-                    socket: vm.agent_socket.clone(),
+                    socket: vm.backend.agent_socket().to_owned(),
                     reason: "test".into(),
                 })
             })
@@ -942,7 +957,7 @@ guest_driver = "pci-stub"
         );
     }
 
-    const VM: &str = r#"{"name":"web","qmp_socket":"/run/web.qmp","agent_socket":"/run/web.agent","slots":["rp0"]}"#;
+    const VM: &str = r#"{"name":"web","backend":{"qmp":{"qmp_socket":"/run/web.qmp","agent_socket":"/run/web.agent","slots":["rp0"]}}}"#;
     const JSON: &str = "Content-Type: application/json\r\n";
 
     #[tokio::test]

@@ -101,7 +101,7 @@ impl AgentChannel {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let name = vm.name.to_string();
         if let Some(link) = links.get(&name)
-            && link.socket == vm.agent_socket
+            && link.socket == vm.backend.agent_socket()
             && !link.task.is_finished()
         {
             return link.requests.clone();
@@ -109,7 +109,7 @@ impl AgentChannel {
         let (requests, inbox) = mpsc::channel(MAX_QUEUED);
         let task = tokio::spawn(supervise_link(
             name.clone(),
-            vm.agent_socket.clone(),
+            vm.backend.agent_socket().to_owned(),
             inbox,
             self.resyncs.clone(),
             self.metrics.clone(),
@@ -117,7 +117,7 @@ impl AgentChannel {
         if let Some(old) = links.insert(
             name,
             Link {
-                socket: vm.agent_socket.clone(),
+                socket: vm.backend.agent_socket().to_owned(),
                 requests: requests.clone(),
                 task,
             },

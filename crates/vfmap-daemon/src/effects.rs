@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use vfmap_api::NewVm;
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
 use vfmap_core::{Bdf, DriverName, SlotId, VmSpec};
 
@@ -63,6 +64,39 @@ pub enum HypervisorError {
     /// No answer in time.
     #[error("the hypervisor did not answer within {0:?}")]
     Timeout(Duration),
+    /// The libvirt domain exists but is not running.
+    #[error("the VM is not running: libvirt domain {domain:?} is {state}")]
+    DomainInactive {
+        /// The domain.
+        domain: String,
+        /// Its state as libvirt says it (`shut off`, …).
+        state: String,
+    },
+    /// libvirt knows no domain of that name.
+    #[error("libvirt ({uri}) has no domain {domain:?} (see `virsh --connect {uri} list --all`)")]
+    UnknownDomain {
+        /// The domain.
+        domain: String,
+        /// The connection URI.
+        uri: String,
+    },
+    /// The VM lacks something vfmap needs (a free hot-pluggable root port, the agent's
+    /// channel); the message names it and the fix.
+    #[error("{0}")]
+    NotPrepared(String),
+    /// The VM's backend is not one this daemon drives.
+    #[error("this daemon has no {0} backend")]
+    Unsupported(&'static str),
+}
+
+impl HypervisorError {
+    /// Whether the VM is certainly not running (so it holds no device).
+    pub fn is_not_running(&self) -> bool {
+        matches!(
+            self,
+            HypervisorError::NotRunning { .. } | HypervisorError::DomainInactive { .. }
+        )
+    }
 }
 
 /// Plugs VFs into VMs and unplugs them.
@@ -87,10 +121,24 @@ pub trait Hypervisor: Send + Sync {
     fn plugged<'a>(&'a self, vm: &'a VmSpec)
     -> BoxFuture<'a, Result<Vec<String>, HypervisorError>>;
 
-    /// The backend's name, the `backend` label of the attach and detach metrics. QMP (QEMU)
-    /// is the only real backend; test doubles stand in for it and keep this default.
-    fn backend(&self) -> &'static str {
-        "qmp"
+    /// Completes a registration into the spec that is stored. A QMP VM needs no look-up (the
+    /// default); the libvirt adapter reads the domain's live XML for its slots and agent
+    /// socket. Nothing is registered when this fails.
+    fn register<'a>(
+        &'a self,
+        request: &'a NewVm,
+    ) -> BoxFuture<'a, Result<VmSpec, HypervisorError>> {
+        Box::pin(async move {
+            request
+                .qmp_spec()
+                .ok_or(HypervisorError::Unsupported("libvirt"))
+        })
+    }
+
+    /// The backends served (`VmBackend::kind`), the `backend` labels of the attach and detach
+    /// metrics. Test doubles stand in for QMP and keep this default.
+    fn backends(&self) -> &'static [&'static str] {
+        &["qmp"]
     }
 }
 

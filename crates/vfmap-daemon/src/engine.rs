@@ -74,6 +74,15 @@ pub enum EngineError {
         #[source]
         error: ReleaseError,
     },
+    /// The VM could not be registered (its hypervisor could not be asked, or the VM lacks
+    /// something); nothing was registered.
+    #[error("cannot register VM {vm:?}: {error}")]
+    Register {
+        /// The VM.
+        vm: String,
+        /// Why (in the message: the API shows only the message).
+        error: HypervisorError,
+    },
     /// An earlier commit failed; the daemon refuses changes until restarted.
     #[error("the daemon is degraded after a state database failure; restart it to recover")]
     Degraded,
@@ -300,7 +309,9 @@ impl Engine {
             .zip(details)
             .collect();
         let rejected = pool.restore(loaded.vms, assignments);
-        metrics.add_backend(adapters.hypervisor.backend());
+        for backend in adapters.hypervisor.backends() {
+            metrics.add_backend(backend);
+        }
         let engine = Engine {
             state: Mutex::new(State {
                 pool,
@@ -414,6 +425,14 @@ impl Engine {
             failpoint(state.as_str());
         }
         Ok(())
+    }
+
+    /// The `backend` label of a VM's operations (`qmp` for an unknown VM).
+    fn backend_of(&self, vm: &str) -> &'static str {
+        self.lock()
+            .pool
+            .vm(vm)
+            .map_or("qmp", |spec| spec.backend.kind())
     }
 
     fn vm_spec(&self, vm: &str) -> Result<VmSpec, PoolError> {

@@ -12,6 +12,7 @@ pub mod api;
 pub mod channel;
 pub mod effects;
 pub mod engine;
+pub mod libvirt;
 pub mod lines;
 pub mod metrics;
 pub mod paths;

@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{Instant, timeout_at};
 use vfmap_core::protocol::GuestPath;
-use vfmap_core::{Bdf, SlotId, VmSpec};
+use vfmap_core::{Bdf, SlotId, VmBackend, VmSpec};
 
 use crate::effects::{BoxFuture, Hypervisor, HypervisorError};
 use crate::lines::{Line, LineReader};
@@ -286,6 +286,14 @@ pub fn guest_path(answer: &Value, id: &str) -> Option<GuestPath> {
     })
 }
 
+/// The VM's QMP socket; a VM of another backend is not this adapter's.
+fn qmp_socket(vm: &VmSpec) -> Result<&str, HypervisorError> {
+    match &vm.backend {
+        VmBackend::Qmp { qmp_socket, .. } => Ok(qmp_socket),
+        other => Err(HypervisorError::Unsupported(other.kind())),
+    }
+}
+
 impl Qmp {
     /// An adapter that plugs devices built from `template`, waiting at most `timeout` per step.
     pub fn new(template: DeviceTemplate, timeout: Duration) -> Qmp {
@@ -313,7 +321,7 @@ impl Hypervisor for Qmp {
         Box::pin(async move {
             let lock = self.vm_lock(vm);
             let _guard = lock.lock().await;
-            let mut session = Session::connect(&vm.qmp_socket, self.timeout).await?;
+            let mut session = Session::connect(qmp_socket(vm)?, self.timeout).await?;
             // The slot is checked from QEMU's own device tree first, so an unknown or
             // occupied slot is told apart structurally, not from the wording of an error.
             check_slot(&session.query_pci().await?, slot.as_str())?;
@@ -338,7 +346,7 @@ impl Hypervisor for Qmp {
         Box::pin(async move {
             let lock = self.vm_lock(vm);
             let _guard = lock.lock().await;
-            let mut session = Session::connect(&vm.qmp_socket, self.timeout).await?;
+            let mut session = Session::connect(qmp_socket(vm)?, self.timeout).await?;
             match session
                 .execute("device_del", json!({"id": device_id}))
                 .await?
@@ -357,7 +365,7 @@ impl Hypervisor for Qmp {
         Box::pin(async move {
             let lock = self.vm_lock(vm);
             let _guard = lock.lock().await;
-            let mut session = Session::connect(&vm.qmp_socket, self.timeout).await?;
+            let mut session = Session::connect(qmp_socket(vm)?, self.timeout).await?;
             let answer = session.query_pci().await?;
             Ok(all_devices(&answer)
                 .into_iter()

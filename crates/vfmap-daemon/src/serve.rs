@@ -14,6 +14,7 @@ use vfmap_sysfs::{FileWriter, Modprobe, Sysfs};
 use crate::channel::AgentChannel;
 use crate::effects::SysfsHost;
 use crate::engine::{Adapters, Engine, EngineError};
+use crate::libvirt::{Backends, Virsh};
 use crate::metrics::Metrics;
 use crate::paths::{PathError, bind_socket, lock_state_dir};
 use crate::qmp::{DeviceTemplate, Qmp};
@@ -42,8 +43,9 @@ pub struct Config {
     /// (default 30,000); past it the attach is rolled back.
     #[serde(default = "default_agent_timeout")]
     pub agent_timeout_ms: u64,
-    /// How long one QMP operation (connect, command, and for an unplug the `DEVICE_DELETED`
-    /// event) may take, in milliseconds (default 10,000).
+    /// How long one hypervisor operation may take, in milliseconds (default 10,000): for QMP
+    /// the connect, a command, and for an unplug the `DEVICE_DELETED` event; for libvirt each
+    /// `virsh` call, and for an unplug libvirt's removal of the device from the live XML.
     #[serde(default = "default_qmp_timeout")]
     pub qmp_timeout_ms: u64,
     /// How long a host driver bind may take to show, in milliseconds (default 5,000).
@@ -259,10 +261,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let resyncs = Resyncs::default();
     let adapters = Adapters {
-        hypervisor: Arc::new(Qmp::new(
-            template,
-            Duration::from_millis(config.qmp_timeout_ms),
-        )),
+        // Each VM's backend is chosen per VM; both adapters share the operation timeout.
+        hypervisor: Arc::new(Backends {
+            qmp: Arc::new(Qmp::new(
+                template,
+                Duration::from_millis(config.qmp_timeout_ms),
+            )),
+            libvirt: Arc::new(Virsh::new(
+                "virsh",
+                Duration::from_millis(config.qmp_timeout_ms),
+            )),
+        }),
         channel: Arc::new(AgentChannel::new(resyncs.clone(), metrics.clone())),
         host: Arc::new(SysfsHost { sysfs, settle }),
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),

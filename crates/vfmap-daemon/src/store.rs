@@ -145,10 +145,74 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch(SCHEMA)?;
         Ok(conn)
     };
-    open().map_err(|source| StoreError::Open {
+    let mut conn = open().map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// The schema version this daemon writes (`PRAGMA user_version`):
+/// - 0: VM specs are `{"name", "qmp_socket", "agent_socket", "slots", "numa_node"}`;
+/// - 1: VM specs carry a typed backend, `{"name", "backend": {"qmp": {"qmp_socket",
+///   "agent_socket"}} | {"libvirt": {…}}, "slots", "numa_node"}`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Brings a database written by an older daemon up to [`SCHEMA_VERSION`], in one transaction;
+/// refuses one written by a newer daemon (it would misread it).
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(bad_row(
+            "(schema)",
+            format!(
+                "the state database has schema version {version}, newer than this daemon's {SCHEMA_VERSION}: run the vfmap that wrote it"
+            ),
+        ));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    if version < 1 {
+        let rows: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT name, spec FROM vms")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (name, spec) in rows {
+            let migrated =
+                spec_v0_to_v1(&spec).map_err(|e| bad_row("vms", format!("{name}: {e}")))?;
+            tx.execute(
+                "UPDATE vms SET spec = ?1 WHERE name = ?2",
+                params![migrated, name],
+            )?;
+        }
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// A version-0 VM spec (QMP only, its sockets at the top level) as version 1.
+fn spec_v0_to_v1(spec: &str) -> Result<String, String> {
+    let mut value: serde_json::Value = serde_json::from_str(spec).map_err(|e| e.to_string())?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| "not a JSON object".to_owned())?;
+    if object.contains_key("backend") {
+        return Ok(spec.to_owned());
+    }
+    let mut qmp = serde_json::Map::new();
+    for key in ["qmp_socket", "agent_socket"] {
+        let socket = object
+            .remove(key)
+            .ok_or_else(|| format!("no {key} to migrate"))?;
+        qmp.insert(key.to_owned(), socket);
+    }
+    object.insert("backend".into(), serde_json::json!({ "qmp": qmp }));
+    serde_json::to_string(&value).map_err(|e| e.to_string())
 }
 
 fn bad_row(table: &'static str, detail: impl Into<String>) -> StoreError {
@@ -510,8 +574,10 @@ mod tests {
     fn vm(name: &str) -> VmSpec {
         VmSpec {
             name: VmName::new(name).unwrap(),
-            qmp_socket: "/run/q".into(),
-            agent_socket: "/run/a".into(),
+            backend: vfmap_core::VmBackend::Qmp {
+                qmp_socket: "/run/q".into(),
+                agent_socket: "/run/a".into(),
+            },
             slots: vec![SlotId::new("rp0").unwrap(), SlotId::new("rp1").unwrap()],
             numa_node: None,
         }
@@ -526,6 +592,39 @@ mod tests {
             function: FunctionName::new("crypto").unwrap(),
             state: AssignState::Reserved,
         }
+    }
+
+    #[tokio::test]
+    async fn a_version_0_database_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            // The schema and a row as a daemon before the typed backend wrote them.
+            let conn = Connection::open(&db).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO vms (name, spec) VALUES ('web', ?1)",
+                [r#"{"name":"web","qmp_socket":"/run/q","agent_socket":"/run/a","slots":["rp0","rp1"],"numa_node":null}"#],
+            )
+            .unwrap();
+        }
+        let (_, loaded) = Store::open(&db, &[]).unwrap();
+        assert_eq!(loaded.vms, [vm("web")]);
+        let conn = Connection::open(&db).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        // Idempotent: a second open changes nothing.
+        let (_, again) = Store::open(&db, &[]).unwrap();
+        assert_eq!(again.vms, [vm("web")]);
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let error = Store::open(&db, &[]).unwrap_err().to_string();
+        assert!(error.contains("newer than this daemon"), "{error}");
     }
 
     #[tokio::test]

@@ -234,14 +234,16 @@ fn free(engine: &Engine, function: &str) -> usize {
         .map_or(0, |f| f.free as usize)
 }
 
-fn vm(name: &str) -> VmSpec {
-    VmSpec {
+fn vm(name: &str) -> vfmap_api::NewVm {
+    vfmap_api::NewVm {
         name: VmName::new(name).unwrap(),
-        qmp_socket: format!("/run/{name}.qmp"),
-        agent_socket: format!("/run/{name}.agent"),
-        slots: (0..3)
-            .map(|i| SlotId::new(&format!("rp{i}")).unwrap())
-            .collect(),
+        backend: vfmap_api::NewVmBackend::Qmp {
+            qmp_socket: format!("/run/{name}.qmp"),
+            agent_socket: format!("/run/{name}.agent"),
+            slots: (0..3)
+                .map(|i| SlotId::new(&format!("rp{i}")).unwrap())
+                .collect(),
+        },
         numa_node: None,
     }
 }

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vfmap_api::{
-    AttachRequest, Attached, CorrespondenceRow, Detached, ErrorBody, Inventory, Removed, Vm,
-    VmList, VmSpec,
+    AttachRequest, Attached, CorrespondenceRow, Detached, ErrorBody, Inventory, NewVm,
+    NewVmBackend, Removed, Vm, VmBackend, VmList,
 };
 use vfmap_core::{Bdf, FunctionName, LocalIndex, SlotId, VmName};
 
@@ -22,18 +22,43 @@ use crate::{Failure, exit, print_json};
 /// `vfmap vm ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
-    /// Register a running VM with its QMP socket, agent channel and empty hot-plug slots.
+    /// Register a running VM: a QEMU with its QMP socket, agent channel and empty hot-plug
+    /// slots, or a libvirt domain by name (the daemon reads its slots and channel from the
+    /// domain's live XML).
     Add {
         /// The VM's name.
         name: VmName,
         /// QEMU's QMP unix socket (`-qmp unix:PATH,server=on,wait=off`).
-        #[arg(long, value_name = "PATH")]
-        qmp: String,
-        /// The host end of the agent's virtio-serial port (a unix socket).
-        #[arg(long, value_name = "PATH")]
-        agent: String,
-        /// An empty pcie-root-port id; repeat in order: local index i is the i-th slot.
-        #[arg(long = "slot", value_name = "ID", required = true)]
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "libvirt",
+            requires = "agent",
+            conflicts_with = "libvirt"
+        )]
+        qmp: Option<String>,
+        /// The host end of the agent's virtio-serial port (a unix socket; QMP VMs).
+        #[arg(long, value_name = "PATH", requires = "qmp")]
+        agent: Option<String>,
+        /// A libvirt domain to register instead: its free hot-pluggable pcie-root-ports
+        /// become the slots, its `<channel>` named by --port-name the agent's channel.
+        #[arg(long, value_name = "DOMAIN", value_parser = checked(vfmap_core::check_domain_name))]
+        libvirt: Option<String>,
+        /// The libvirt connection URI.
+        #[arg(long, value_name = "URI", requires = "libvirt", default_value = vfmap_api::DEFAULT_LIBVIRT_URI, value_parser = checked(vfmap_core::check_libvirt_uri))]
+        uri: String,
+        /// The virtio port name of the agent's channel in the domain (vfmap-agent's
+        /// `port_name`).
+        #[arg(long, value_name = "NAME", requires = "libvirt", default_value = vfmap_api::DEFAULT_PORT_NAME, value_parser = checked(vfmap_core::check_port_name))]
+        port_name: String,
+        /// Also write vfmap's devices into the domain's persistent definition (default: live
+        /// only).
+        #[arg(long, requires = "libvirt")]
+        persistent: bool,
+        /// A hot-plug slot; repeat in order: local index i is the i-th slot. QMP: an empty
+        /// pcie-root-port id (required). libvirt: narrows the domain's root ports to these
+        /// controller aliases (`pci.N`).
+        #[arg(long = "slot", value_name = "ID", required_unless_present = "libvirt")]
         slots: Vec<SlotId>,
         /// The VM's NUMA node: VFs on it are preferred.
         #[arg(long)]
@@ -46,6 +71,13 @@ pub enum VmCommand {
     },
     /// List VMs.
     List,
+}
+
+/// A clap value parser from one of the daemon's own checks.
+fn checked(
+    check: fn(&str) -> Result<(), String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |text| check(text).map(|()| text.to_owned())
 }
 
 /// `vfmap attach ...`
@@ -101,14 +133,37 @@ fn request(call_spec: &Call) -> Result<(Method, String, Option<Vec<u8>>), Failur
             name,
             qmp,
             agent,
+            libvirt,
+            uri,
+            port_name,
+            persistent,
             slots,
             numa_node,
         }) => {
-            let spec = VmSpec {
+            let backend = match (libvirt, qmp, agent) {
+                (Some(domain), _, _) => NewVmBackend::Libvirt {
+                    domain: domain.clone(),
+                    uri: uri.clone(),
+                    port_name: port_name.clone(),
+                    persistent: *persistent,
+                    slots: slots.clone(),
+                },
+                (None, Some(qmp), Some(agent)) => NewVmBackend::Qmp {
+                    qmp_socket: qmp.clone(),
+                    agent_socket: agent.clone(),
+                    slots: slots.clone(),
+                },
+                _ => {
+                    return Err(Failure::new(
+                        exit::BAD_INPUT,
+                        "bad_arguments",
+                        anyhow::anyhow!("give --qmp and --agent, or --libvirt"),
+                    ));
+                }
+            };
+            let spec = NewVm {
                 name: name.clone(),
-                qmp_socket: qmp.clone(),
-                agent_socket: agent.clone(),
-                slots: slots.clone(),
+                backend,
                 numa_node: *numa_node,
             };
             (Method::POST, "/v1/vms".to_owned(), body(&spec)?)
@@ -230,13 +285,21 @@ fn correspondence(rows: &[CorrespondenceRow]) -> String {
     )
 }
 
+/// How the daemon reaches the VM, in a few words.
+fn backend_text(backend: &VmBackend) -> String {
+    match backend {
+        VmBackend::Qmp { qmp_socket, .. } => format!("qmp {qmp_socket}"),
+        VmBackend::Libvirt { domain, uri, .. } => format!("libvirt {domain} ({uri})"),
+    }
+}
+
 fn vm_block(vm: &Vm) -> String {
     let mut out = format!(
-        "VM {} (slots: {}; qmp {}; agent {})\n",
+        "VM {} (slots: {}; {}; agent {})\n",
         vm.name,
         vm.slots.len(),
-        vm.qmp_socket,
-        vm.agent_socket
+        backend_text(&vm.backend),
+        vm.backend.agent_socket()
     );
     out += &correspondence(&vm.correspondence);
     for f in vm.failures.iter().take(3) {
@@ -297,9 +360,15 @@ fn inventory(inventory: &Inventory) -> String {
 fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
     Ok(match call_spec {
         Call::Inventory => inventory(&answer(value)?),
-        Call::Vm(VmCommand::Add { name, slots, .. }) => {
-            let _: Vm = answer(value)?;
-            format!("registered VM {name} with {} slot(s)\n", slots.len())
+        Call::Vm(VmCommand::Add { name, .. }) => {
+            let vm: Vm = answer(value)?;
+            let slots: Vec<&str> = vm.slots.iter().map(|s| s.as_str()).collect();
+            format!(
+                "registered VM {name} ({}) with {} slot(s): {}\n",
+                backend_text(&vm.backend),
+                slots.len(),
+                slots.join(" ")
+            )
         }
         Call::Vm(VmCommand::Rm { name }) => {
             let removed: Removed = answer(value)?;
@@ -315,11 +384,11 @@ fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
                         vm.name.to_string(),
                         vm.slots.len().to_string(),
                         vm.correspondence.len().to_string(),
-                        vm.qmp_socket.clone(),
+                        backend_text(&vm.backend),
                     ]
                 })
                 .collect();
-            table(&["NAME", "SLOTS", "VFS", "QMP"], rows)
+            table(&["NAME", "SLOTS", "VFS", "BACKEND"], rows)
         }
         Call::Attach(a) => {
             let attached: Attached = answer(value)?;

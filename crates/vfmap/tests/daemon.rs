@@ -131,6 +131,30 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
             2,
             "not a valid slot id",
         ),
+        (
+            vec!["vm", "add", "d", "--libvirt", "a/b"],
+            2,
+            "not a valid libvirt domain name",
+        ),
+        (
+            vec!["vm", "add", "d", "--libvirt", "dom", "--uri", "nope"],
+            2,
+            "not a local libvirt URI",
+        ),
+        (
+            // libvirtd unreachable (a socket that is not there): nothing registered.
+            vec![
+                "vm",
+                "add",
+                "d",
+                "--libvirt",
+                "dom",
+                "--uri",
+                "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
+            ],
+            1,
+            "/nonexistent/libvirt-sock",
+        ),
     ] {
         let out = world.cli(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -139,6 +163,11 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert_eq!(world.snapshot(), before, "{args:?} changed state");
     }
+    // One backend per VM: clap refuses both (with its usage lines).
+    let out = world.cli(&["vm", "add", "d", "--libvirt", "dom", "--qmp", "/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    assert_eq!(world.snapshot(), before);
     for (method, path, body, status, code) in [
         (
             "POST",
@@ -164,14 +193,35 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
         (
             "POST",
             "/v1/vms",
-            r#"{"name":"x","qmp_socket":"/a","agent_socket":"/b","slots":["rp0"],"extra":1}"#,
+            r#"{"name":"x","backend":{"qmp":{"qmp_socket":"/a","agent_socket":"/b","slots":["rp0"]}},"extra":1}"#,
             400,
             "bad_request",
         ),
         (
             "POST",
             "/v1/vms",
-            r#"{"name":"x","qmp_socket":"/a","agent_socket":"/b","slots":[]}"#,
+            r#"{"name":"x","backend":{"qmp":{"qmp_socket":"/a","agent_socket":"/b","slots":[]}}}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","qmp_socket":"/a","agent_socket":"/b","slots":["rp0"]}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","backend":{"libvirt":{"domain":"-x"}}}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","backend":{"libvirt":{"domain":"x","port_name":"a b"}}}"#,
             400,
             "bad_request",
         ),

@@ -86,7 +86,31 @@ struct ApiDoc;
 
 /// The API's document.
 pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    // utoipa closes structs with `deny_unknown_fields` (`additionalProperties: false`) but not
+    // the objects of an enum's variants; the daemon refuses unknown fields there too.
+    if let Some(components) = doc.components.as_mut() {
+        for name in ["NewVmBackend", "VmBackend"] {
+            if let Some(schema) = components.schemas.get_mut(name) {
+                close_objects(schema);
+            }
+        }
+    }
+    doc
+}
+
+/// Sets `additionalProperties: false` on every inline object in `schema` (through `oneOf`
+/// and object properties; references are left alone).
+fn close_objects(schema: &mut RefOr<Schema>) {
+    use utoipa::openapi::schema::AdditionalProperties;
+    match schema {
+        RefOr::T(Schema::OneOf(one_of)) => one_of.items.iter_mut().for_each(close_objects),
+        RefOr::T(Schema::Object(object)) => {
+            object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+            object.properties.values_mut().for_each(close_objects);
+        }
+        _ => {}
+    }
 }
 
 /// The document as served and committed: pretty JSON with a final newline.

@@ -11,12 +11,10 @@ impl Engine {
         request: Request,
     ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {
         let started = Instant::now();
+        let backend = self.backend_of(request.vm.as_str());
         let result = self.attach_request(request).await;
-        self.metrics.attach_done(
-            self.adapters.hypervisor.backend(),
-            outcome(&result),
-            started.elapsed(),
-        );
+        self.metrics
+            .attach_done(backend, outcome(&result), started.elapsed());
         result
     }
 
@@ -229,7 +227,8 @@ impl Engine {
             .detach(vm, &device_id(a.global_index))
             .await
         {
-            Ok(()) | Err(HypervisorError::NotRunning { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_running() => Ok(()),
             Err(e) => Err(e),
         }
     }

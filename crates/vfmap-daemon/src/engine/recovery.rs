@@ -57,7 +57,7 @@ impl Engine {
                 Ok(ids) => ids,
                 // Only a VM that is certainly not running has nothing plugged; anything less
                 // certain (a timeout, a permission error) must not free a VF that may be in use.
-                Err(HypervisorError::NotRunning { .. }) => Vec::new(),
+                Err(e) if e.is_not_running() => Vec::new(),
                 Err(e) => {
                     let e = chain(&e);
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");

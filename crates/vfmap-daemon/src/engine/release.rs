@@ -4,9 +4,23 @@
 use super::*;
 
 impl Engine {
-    /// Registers a VM.
-    pub async fn add_vm(&self, spec: VmSpec) -> Result<vfmap_api::Vm, EngineError> {
-        let name = spec.name.to_string();
+    /// Registers a VM: its hypervisor adapter completes the spec (for libvirt, from the
+    /// domain's live XML), then the pool validates and records it.
+    pub async fn add_vm(&self, request: vfmap_api::NewVm) -> Result<vfmap_api::Vm, EngineError> {
+        let name = request.name.to_string();
+        // A name taken is refused before the hypervisor is asked anything.
+        if self.lock().pool.vm(&name).is_some() {
+            return Err(PoolError::VmExists(name).into());
+        }
+        let spec = self
+            .adapters
+            .hypervisor
+            .register(&request)
+            .await
+            .map_err(|error| EngineError::Register {
+                vm: name.clone(),
+                error,
+            })?;
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_add_vm(spec)?)]))
             .await?;
         info!(vm = %name, "VM registered");
@@ -48,12 +62,10 @@ impl Engine {
     /// Timed (`vfmap_detach_duration_seconds`).
     pub async fn detach(&self, vm: &str, local_index: LocalIndex) -> Result<(), EngineError> {
         let started = Instant::now();
+        let backend = self.backend_of(vm);
         let result = self.release(vm, local_index).await;
-        self.metrics.detach_done(
-            self.adapters.hypervisor.backend(),
-            outcome(&result),
-            started.elapsed(),
-        );
+        self.metrics
+            .detach_done(backend, outcome(&result), started.elapsed());
         result
     }
 

@@ -27,15 +27,13 @@ impl Engine {
             .collect();
         let VmSpec {
             name,
-            qmp_socket,
-            agent_socket,
+            backend,
             slots,
             numa_node,
         } = spec;
         Ok(vfmap_api::Vm {
             name,
-            qmp_socket,
-            agent_socket,
+            backend,
             slots,
             numa_node,
             correspondence,

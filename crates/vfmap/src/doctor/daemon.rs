@@ -282,8 +282,24 @@ fn lookup(name: &str, socket: &Path, timeout: Duration) -> VmTarget {
         Ok((_, value)) => value,
     };
     let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
-    let (Some(qmp), Some(agent)) = (text(&value, "qmp_socket"), text(&value, "agent_socket"))
-    else {
+    if let Some(domain) = value
+        .pointer("/backend/libvirt/domain")
+        .and_then(Value::as_str)
+    {
+        return unknown(
+            format!(
+                "VM {name} is the libvirt domain {domain:?}: doctor checks the slots and channel of QMP VMs only"
+            ),
+            format!(
+                "virsh dumpxml {domain} (vfmap vm add checked its root ports and channel at registration)"
+            ),
+        );
+    }
+    let qmp_backend = &value["backend"]["qmp"];
+    let (Some(qmp), Some(agent)) = (
+        text(qmp_backend, "qmp_socket"),
+        text(qmp_backend, "agent_socket"),
+    ) else {
         return unknown(
             format!("the daemon's answer lacks the VM's sockets: {value}"),
             "check that vfmap and the daemon are the same version".into(),
