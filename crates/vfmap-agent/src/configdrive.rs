@@ -182,6 +182,9 @@ pub enum ConfigDriveError {
         "several block devices are labelled {LABEL} ({0}); detach all but the orchestrator's, or set [metadata] path"
     )]
     Several(String),
+    /// `source = "file"` without `path`.
+    #[error("[metadata] source = \"file\" needs path = \"/path/to/meta_data.json\"")]
+    NoPath,
     /// Making the private mount point failed.
     #[error("cannot make a mount point in {}", dir.display())]
     MountPoint {

@@ -710,11 +710,10 @@ impl<'a> Agent<'a> {
         config: &MetadataConfig,
     ) -> Result<(Vec<u8>, String), ConfigDriveError> {
         let limit = metadata::MAX_METADATA;
-        if let (MetadataSource::File, Some(path)) = (config.source, &config.path) {
-            return Ok((
-                configdrive::read_file(path, limit)?,
-                path.display().to_string(),
-            ));
+        if config.source == MetadataSource::File {
+            let path = config.path.as_ref().ok_or(ConfigDriveError::NoPath)?;
+            let bytes = configdrive::read_file(path, limit)?;
+            return Ok((bytes, path.display().to_string()));
         }
         let started = Instant::now();
         let (sysfs_root, dev_root) = (&self.config.sysfs_root, &self.config.dev_root);
