@@ -89,13 +89,35 @@ pub enum HypervisorError {
     Unsupported(&'static str),
 }
 
+/// What a VM's manager (libvirt) says of a VM that is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Stopped (shut down, crashed, destroyed): it holds nothing until it starts again.
+    Stopped,
+    /// No longer defined: it will not come back.
+    Undefined,
+}
+
 impl HypervisorError {
     /// Whether the VM is certainly not running (so it holds no device).
     pub fn is_not_running(&self) -> bool {
         matches!(
             self,
-            HypervisorError::NotRunning { .. } | HypervisorError::DomainInactive { .. }
+            HypervisorError::NotRunning { .. }
+                | HypervisorError::DomainInactive { .. }
+                | HypervisorError::UnknownDomain { .. }
         )
+    }
+
+    /// The VM's state when its manager reported it stopped or undefined; `None` otherwise,
+    /// including for a QEMU whose QMP socket is gone (nothing manages it: it may be
+    /// restarted by hand with its devices, so vfmap waits for an operator there).
+    pub fn lifecycle(&self) -> Option<Lifecycle> {
+        match self {
+            HypervisorError::DomainInactive { .. } => Some(Lifecycle::Stopped),
+            HypervisorError::UnknownDomain { .. } => Some(Lifecycle::Undefined),
+            _ => None,
+        }
     }
 }
 

@@ -632,3 +632,67 @@ async fn recovery_unplugs_devices_with_vfmap_ids_the_database_does_not_hold() {
     assert_eq!(left, ["their-nic", "vfmap-vf0"]);
     assert_eq!(engine.vm_view("web").unwrap().correspondence.len(), 1);
 }
+
+/// Waits (at most 5 s) until `done` holds.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not reached in 5 s");
+}
+
+#[tokio::test]
+async fn a_vm_its_manager_stopped_gives_its_vfs_back_and_an_undefined_one_is_forgotten() {
+    let rig = Rig::new();
+    let engine = Arc::new(rig.engine().await);
+    engine.add_vm(vm("web")).await.unwrap();
+    engine.attach(request("web", "crypto", 2)).await.unwrap();
+    assert_eq!(free(&engine, "crypto"), 0);
+    // A QEMU whose QMP socket is gone is not managed: its VFs wait for an operator.
+    *rig.hv.plugged_error.lock().unwrap() = Some(HypervisorError::NotRunning {
+        socket: "/run/web.qmp".into(),
+        reason: "gone".into(),
+    });
+    engine.reconcile_orphans().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(free(&engine, "crypto"), 0);
+    // libvirt says the domain is shut off: the VFs come back by themselves, reset.
+    *rig.hv.plugged_error.lock().unwrap() = Some(HypervisorError::DomainInactive {
+        domain: "web".into(),
+        state: "shut off".into(),
+    });
+    engine.reconcile_orphans().await;
+    until(|| free(&engine, "crypto") == 2).await;
+    assert!(engine.vm_view("web").unwrap().correspondence.is_empty());
+    // It starts again and gets a VF; then it is undefined: forgotten, its VF free.
+    *rig.hv.plugged_error.lock().unwrap() = None;
+    engine.attach(request("web", "crypto", 1)).await.unwrap();
+    *rig.hv.plugged_error.lock().unwrap() = Some(HypervisorError::UnknownDomain {
+        domain: "web".into(),
+        uri: "qemu:///system".into(),
+    });
+    engine.reconcile_orphans().await;
+    until(|| engine.vm_view("web").is_err()).await;
+    assert_eq!(free(&engine, "crypto"), 2);
+}
+
+#[tokio::test]
+async fn recovery_forgets_a_vm_whose_domain_was_undefined_meanwhile() {
+    let rig = Rig::new();
+    {
+        let engine = rig.engine().await;
+        engine.add_vm(vm("web")).await.unwrap();
+        engine.attach(request("web", "crypto", 1)).await.unwrap();
+    }
+    *rig.hv.plugged_error.lock().unwrap() = Some(HypervisorError::UnknownDomain {
+        domain: "web".into(),
+        uri: "qemu:///system".into(),
+    });
+    let engine = rig.engine().await;
+    engine.recover().await.unwrap();
+    assert!(engine.vm_view("web").is_err());
+    assert_eq!(free(&engine, "crypto"), 2);
+}

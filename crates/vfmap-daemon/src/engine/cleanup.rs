@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use vfmap_core::{Assignment, GlobalIndex, VmSpec};
 
 use super::{Engine, Mutation, device_id};
-use crate::effects::chain;
+use crate::effects::{Lifecycle, chain};
 
 /// Automatic attempts before a cleanup waits for an operator.
 pub const MAX_ATTEMPTS: u32 = 8;
@@ -198,8 +198,56 @@ impl Engine {
         }
     }
 
+    /// A VM its manager reports stopped (shut down, crashed, destroyed) holds nothing: each
+    /// VF it held is released (reset, host driver, free) without telling the agent; the unplug
+    /// step lets the adapter drop the device from a persistent definition. Attaches in flight
+    /// are left to fail and roll back by themselves; a release already running is left alone.
+    pub(super) async fn vm_stopped(&self, vm: &VmSpec, why: &str) {
+        let held: Vec<Assignment> = self
+            .lock()
+            .pool
+            .assignments_of(&vm.name)
+            .filter(|a| !a.state.is_attaching())
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        info!(vm = %vm.name, vfs = held.len(), why = %why, "the VM stopped; releasing its VFs");
+        for a in held {
+            let Some(_claim) = self.claim(a.global_index) else {
+                continue;
+            };
+            if a.state != vfmap_core::AssignState::Releasing {
+                let released = self
+                    .commit(|s| {
+                        Ok(vec![Mutation::Pool(
+                            s.pool.plan_release(vm.name.as_str(), a.local_index)?,
+                        )])
+                    })
+                    .await;
+                if let Err(e) = released {
+                    warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "could not release a stopped VM's VF");
+                    continue;
+                }
+            }
+            if let Err(e) = self.finish_release(vm, &a, false, true).await {
+                warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "releasing a stopped VM's VF failed; retried at the next check");
+            }
+        }
+    }
+
+    /// A VM its manager no longer defines is forgotten, after its VFs are released.
+    pub(super) async fn vm_undefined(&self, vm: &VmSpec, why: &str) {
+        info!(vm = %vm.name, why = %why, "the VM is no longer defined; forgetting it");
+        if let Err(e) = self.remove_vm(vm.name.as_str()).await {
+            warn!(vm = %vm.name, error = %chain(&e), "could not forget the VM yet; retried at the next check");
+        }
+    }
+
     /// The periodic orphan check over every VM, one task per VM; a VM still being checked
-    /// from the last round is skipped.
+    /// from the last round is skipped. A VM its manager reports stopped gives its VFs back;
+    /// one it reports undefined is forgotten.
     pub async fn reconcile_orphans(self: &Arc<Self>) {
         let vms: Vec<VmSpec> = self.lock().pool.vms().cloned().collect();
         for vm in vms {
@@ -208,8 +256,13 @@ impl Engine {
             }
             let engine = self.clone();
             tokio::spawn(async move {
-                if let Ok(ids) = engine.adapters.hypervisor.plugged(&vm).await {
-                    engine.remove_orphans(&vm, &ids).await;
+                match engine.adapters.hypervisor.plugged(&vm).await {
+                    Ok(ids) => engine.remove_orphans(&vm, &ids).await,
+                    Err(e) => match e.lifecycle() {
+                        Some(Lifecycle::Stopped) => engine.vm_stopped(&vm, &chain(&e)).await,
+                        Some(Lifecycle::Undefined) => engine.vm_undefined(&vm, &chain(&e)).await,
+                        None => {}
+                    },
                 }
                 engine.lock().checking.remove(vm.name.as_str());
             });

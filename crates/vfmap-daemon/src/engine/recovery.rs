@@ -53,11 +53,11 @@ impl Engine {
         for vm in vms {
             self.adapters.channel.watch(&vm);
             let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
-            let plugged = match self.adapters.hypervisor.plugged(&vm).await {
-                Ok(ids) => ids,
+            let (plugged, lifecycle) = match self.adapters.hypervisor.plugged(&vm).await {
+                Ok(ids) => (ids, None),
                 // Only a VM that is certainly not running has nothing plugged; anything less
                 // certain (a timeout, a permission error) must not free a VF that may be in use.
-                Err(e) if e.is_not_running() => Vec::new(),
+                Err(e) if e.is_not_running() => (Vec::new(), e.lifecycle()),
                 Err(e) => {
                     let e = chain(&e);
                     warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
@@ -86,11 +86,21 @@ impl Engine {
                         .await
                         .err()
                         .map(|e| chain(&e)),
-                    Recovery::Lost => self.roll_back(&vm, a, false, StepError::Lost).await.cleanup,
+                    // A VM its manager stopped is still asked to unplug: that drops the
+                    // device from a persistent definition, so it does not come back.
+                    Recovery::Lost => {
+                        self.roll_back(&vm, a, lifecycle.is_some(), StepError::Lost)
+                            .await
+                            .cleanup
+                    }
                 };
                 if let Some(reason) = incomplete {
                     warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
                 }
+            }
+            if lifecycle == Some(crate::effects::Lifecycle::Undefined) {
+                self.vm_undefined(&vm, "its manager no longer defines it")
+                    .await;
             }
         }
         Ok(())

@@ -305,7 +305,17 @@ impl Virsh {
         };
         let lock = self.vm_lock(vm);
         let _guard = lock.lock().await;
-        let live = self.running(&target).await?;
+        let live = match self.running(&target).await {
+            Err(e @ HypervisorError::DomainInactive { .. }) => {
+                // A stopped domain holds nothing live; a persistent one must not bring the
+                // device back when it starts again.
+                if target.persistent {
+                    self.drop_from_config(&target, &alias).await;
+                }
+                return Err(e);
+            }
+            other => other?,
+        };
         if live.hostdev(&alias).is_none() {
             if target.persistent {
                 self.drop_from_config(&target, &alias).await;
