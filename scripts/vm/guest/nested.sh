@@ -15,4 +15,9 @@ for d in proc sys dev; do mount --bind /$d /host/$d; done
 # Writable state on a tmpfs under /run: not over /tmp, which may hold the repository itself.
 mount -t tmpfs run /host/run
 rounds=$(sed -n 's/.*vfmap\.rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
-chroot /host /bin/bash "$repo/scripts/vm/nested/${NESTED_SCRIPT:-scenario.sh}" "$repo" ${rounds:-5}
+# vfmap.agents=LABEL=INITRD,... (scripts/bench-nested --agents): the agents the benchmark
+# compares, for bench.sh as VFMAP_BENCH_AGENTS, space-separated.
+agents=$(sed -n 's/.*vfmap\.agents=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
+# vfmap.bin=PATH (scripts/bench-nested --vfmap-at): the vfmap binary to run, for lib.sh.
+vfmap_bin=$(sed -n 's/.*vfmap\.bin=\([^ ]*\).*/\1/p' /proc/cmdline)
+VFMAP_BIN=$vfmap_bin VFMAP_BENCH_AGENTS=$agents chroot /host /bin/bash "$repo/scripts/vm/nested/${NESTED_SCRIPT:-scenario.sh}" "$repo" ${rounds:-5}

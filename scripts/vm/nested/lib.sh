@@ -9,7 +9,12 @@
 W=/run/vfmap-nested
 export TMPDIR=$W
 mkdir -p "$W"
-VFMAP=$REPO/target/x86_64-unknown-linux-gnu/release/vfmap
+# The vfmap binary (CLI and daemon): VFMAP_BIN if set (scripts/bench-nested --vfmap-at), else
+# the working tree's static build; copied to the tmpfs at the start, since the working tree's
+# build may be replaced during the run (a rebuild under the 9p share), which crashes a process
+# running from it.
+cp "${VFMAP_BIN:-$REPO/target/x86_64-unknown-linux-gnu/release/vfmap}" "$W/vfmap"
+VFMAP=$W/vfmap
 AGENT_INITRD=$REPO/.cache/vm/agent.cpio.gz
 KVER=$(uname -r)
 API=$W/api.sock
@@ -145,18 +150,34 @@ controllers_online() {
     done
 }
 
-# start_vm [EXTRA_KERNEL_ARGS]: the VM with 4 empty root ports, QMP, the channel and the agent
-# (the same pieces as scripts/vm/run-agent-vm, from common.sh); returns when the agent serves
-# its port.
-start_vm() {
-    local devices=()
+# launch_vm NAME INITRD [EXTRA_KERNEL_ARGS]: starts (in the background, without waiting) a VM
+# with 4 empty root ports, QMP, the channel and the agent from INITRD (the same pieces as
+# scripts/vm/run-agent-vm, from common.sh). Its files are $W/NAME.qmp, $W/NAME.agent (the
+# channel's socket) and $W/NAME.console.
+launch_vm() {
+    local name=$1 initrd=$2 devices=()
     vm_root_ports devices 4
-    vm_agent_channel devices "$W/inner.agent"
+    vm_agent_channel devices "$W/$name.agent"
     qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 256 -smp 1 -display none -no-reboot -monitor none \
-        -kernel "/boot/vmlinuz-$KVER" -initrd "$AGENT_INITRD" \
-        -append "console=ttyS0 quiet loglevel=3 panic=-1 vfmap.mode=agent ${1:-}" \
-        -qmp "unix:$W/inner.qmp,server=on,wait=off" \
-        "${devices[@]}" -serial "file:$W/inner.console" &
-    for _ in $(seq 600); do grep -qa "serving on" "$W/inner.console" 2> /dev/null && break; sleep 0.5; done
-    grep -qa "serving on" "$W/inner.console" && check agent-up ok "" || check agent-up FAIL "no agent in the VM"
+        -kernel "/boot/vmlinuz-$KVER" -initrd "$initrd" \
+        -append "console=ttyS0 quiet loglevel=3 panic=-1 vfmap.mode=agent ${3:-}" \
+        -qmp "unix:$W/$name.qmp,server=on,wait=off" \
+        "${devices[@]}" -serial "file:$W/$name.console" &
+    echo $! > "$W/$name.pid"
+}
+# await_agent NAME CHECK [SECONDS]: waits (300 s unless told) until the agent in VM NAME serves
+# its port; check CHECK ok or FAIL.
+await_agent() {
+    local deadline=$((SECONDS + ${3:-300}))
+    until grep -qa "serving on" "$W/$1.console" 2> /dev/null || [ $SECONDS -ge $deadline ]; do sleep 0.5; done
+    grep -qa "serving on" "$W/$1.console" 2> /dev/null && { check "$2" ok ""; return; }
+    check "$2" FAIL "no agent in the VM $1 ($(kill -0 "$(cat "$W/$1.pid")" 2> /dev/null && echo "QEMU running" || echo "QEMU gone"))"
+    tail -n 8 "$W/$1.console" 2> /dev/null | sed "s/^/$1 console: /" || :
+    dmesg 2> /dev/null | grep -i "out of memory\|killed process\|oom" | tail -n 3 || :
+}
+# start_vm [EXTRA_KERNEL_ARGS]: the VM "inner" with the agent of $AGENT_INITRD; returns when the
+# agent serves its port.
+start_vm() {
+    launch_vm inner "$AGENT_INITRD" "${1:-}"
+    await_agent inner agent-up
 }
