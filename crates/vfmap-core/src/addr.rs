@@ -72,13 +72,61 @@ impl Bdf {
     }
 }
 
+impl Bdf {
+    /// The address as text (`0000:3b:00.1`) on the stack. Inventories write thousands of
+    /// addresses, and going through `fmt` cost more than reading them from sysfs.
+    pub fn text(self) -> AddrText {
+        let mut text = AddrText {
+            bytes: [0; 16],
+            len: 0,
+        };
+        text.push_hex(self.domain, 4);
+        text.push(b':');
+        text.push_hex(self.bus.into(), 2);
+        text.push(b':');
+        text.push_hex(self.device.into(), 2);
+        text.push(b'.');
+        text.push_hex(self.function.into(), 1);
+        text
+    }
+}
+
+/// An address's or ID's text, from [`Bdf::text`] or [`PciId::text`]: at most 16 bytes (a
+/// `Bdf` with an 8-digit domain).
+#[derive(Clone, Copy)]
+pub struct AddrText {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl AddrText {
+    fn push(&mut self, byte: u8) {
+        self.bytes[self.len] = byte;
+        self.len += 1;
+    }
+
+    /// `value` in lower-case hex, zero-padded to `width` digits.
+    fn push_hex(&mut self, value: u32, width: usize) {
+        let digits = (32 - value.leading_zeros()).div_ceil(4).max(1) as usize;
+        for shift in (0..digits.max(width)).rev() {
+            let nibble = (value.checked_shr(4 * shift as u32).unwrap_or(0) & 0xf) as usize;
+            self.push(b"0123456789abcdef"[nibble]);
+        }
+    }
+}
+
+impl std::ops::Deref for AddrText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Only hex digits and separators are ever pushed, so this never falls back.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
+        f.write_str(&self.text())
     }
 }
 
@@ -117,7 +165,7 @@ impl FromStr for Bdf {
 
 impl Serialize for Bdf {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        serializer.serialize_str(&self.text())
     }
 }
 
@@ -132,9 +180,23 @@ impl<'de> Deserialize<'de> for Bdf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciId(pub u16);
 
+impl PciId {
+    /// The ID as text (`0x1b36`) on the stack, like [`Bdf::text`].
+    pub fn text(self) -> AddrText {
+        let mut text = AddrText {
+            bytes: [0; 16],
+            len: 0,
+        };
+        text.push(b'0');
+        text.push(b'x');
+        text.push_hex(self.0.into(), 4);
+        text
+    }
+}
+
 impl fmt::Display for PciId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0x{:04x}", self.0)
+        f.write_str(&self.text())
     }
 }
 
@@ -158,7 +220,7 @@ impl FromStr for PciId {
 
 impl Serialize for PciId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        serializer.serialize_str(&self.text())
     }
 }
 
@@ -172,6 +234,21 @@ impl<'de> Deserialize<'de> for PciId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn bdf_text_is_the_kernel_format(domain: u32, bus: u8, device in 0u8..0x20, function in 0u8..8) {
+            let bdf = Bdf { domain, bus, device, function };
+            let expected = format!("{domain:04x}:{bus:02x}:{device:02x}.{function:x}");
+            proptest::prop_assert_eq!(&*bdf.text(), expected.as_str());
+            proptest::prop_assert_eq!(bdf.to_string(), expected);
+        }
+
+        #[test]
+        fn pci_id_text_is_the_sysfs_format(id: u16) {
+            proptest::prop_assert_eq!(PciId(id).to_string(), format!("0x{id:04x}"));
+        }
+    }
 
     #[test]
     fn bdf_round_trips() {

@@ -18,7 +18,7 @@ pub mod protocol;
 pub mod tables;
 pub mod whole;
 
-pub use addr::{AddrError, Bdf, PciId};
+pub use addr::{AddrError, AddrText, Bdf, PciId};
 pub use facts::{HostFacts, PfFacts, Problem, VfFacts};
 pub use index::{GlobalIndex, LocalIndex};
 pub use plan::{PlanError, Step, plan_binds, plan_sriov};

@@ -1,15 +1,15 @@
 //! Discovery: SR-IOV PFs and their VFs, read from `<root>/bus/pci/devices`.
 
-use std::ffi::OsString;
+use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rustix::fs::{CWD, Mode, OFlags, openat, readlinkat};
+use rustix::fs::{CWD, Mode, OFlags, openat};
 use rustix::io::Errno;
 
 use vfmap_core::{Bdf, HostFacts, PciId, PfFacts, Problem, VfFacts};
@@ -87,79 +87,147 @@ impl Sysfs {
         }
         names.sort();
 
-        // Phase 1: which entries are SR-IOV PFs: one failed open for most devices.
-        let probes = parallel_map(&names, 256, self.threads, |name, problems| {
-            let name = name.to_string_lossy();
-            let attribute = format!("{name}/sriov_totalvfs");
-            let text = match read_attr_at(&devices_fd, &attribute) {
-                Ok(text) => text?,
-                Err(e) => {
-                    problems.push(io_problem(&name, "sriov_totalvfs", "cannot read", e));
-                    return None;
-                }
-            };
-            let Ok(total_vfs) = text.parse::<u16>() else {
-                problems.push(problem(
-                    &name,
-                    "sriov_totalvfs",
-                    format!("malformed value {text:?}"),
-                ));
-                return None;
-            };
-            if total_vfs == 0 {
-                return None;
-            }
-            let Ok(location) = name.parse::<Bdf>() else {
-                problems.push(problem(
-                    &name,
-                    "name",
-                    "the directory name is not a PCI address".into(),
-                ));
-                return None;
-            };
-            Some((location, total_vfs))
-        });
+        // Phase 1, in name order: which entries are SR-IOV PFs, and their VFs from the
+        // `virtfnN` links. A VF's routing ID is its PF's plus a positive offset, so its name
+        // sorts after its PF's and it needs no probe of its own (the probe is most of the
+        // lookups on a host full of VFs). A VF seen first is probed: slower, still right.
         let mut problems = Vec::new();
         let mut pfs_found = Vec::new();
-        for (found, mut found_problems) in probes {
-            problems.append(&mut found_problems);
-            pfs_found.extend(found);
+        let mut known_vfs = HashSet::new();
+        for name in &names {
+            let name = name.to_string_lossy();
+            if let Ok(location) = name.parse::<Bdf>()
+                && known_vfs.remove(&location)
+            {
+                continue;
+            }
+            let Some((location, total_vfs)) = probe_pf(&devices_fd, &name, &mut problems) else {
+                continue;
+            };
+            let dir = match open_dir(&devices_fd, name.as_ref()) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    problems.push(io_problem(
+                        &name,
+                        ".",
+                        "cannot open the device directory",
+                        e,
+                    ));
+                    continue;
+                }
+            };
+            let mut pf_problems = Vec::new();
+            let vfs = read_vf_links(&dir, &name, &mut pf_problems);
+            known_vfs.extend(vfs.iter().map(|&(_, vf)| vf));
+            pfs_found.push((
+                FoundPf {
+                    location,
+                    total_vfs,
+                    dir,
+                    vfs,
+                },
+                pf_problems,
+            ));
         }
 
-        // Phase 2: each PF and its VFs, one PF at a time per thread.
-        let pfs = parallel_map(
-            &pfs_found,
-            1,
-            self.threads,
-            |(location, total_vfs), problems| {
-                let name = location.to_string();
-                match open_dir(&devices_fd, name.as_str()) {
-                    Ok(dir) => {
-                        let reader = DeviceReader::new(dir, &name, problems);
-                        Some(read_pf(&devices_fd, *location, *total_vfs, reader))
-                    }
-                    Err(e) => {
-                        problems.push(io_problem(
-                            &name,
-                            ".",
-                            "cannot open the device directory",
-                            e,
-                        ));
-                        None
-                    }
-                }
-            },
-        );
+        // Phase 2: each PF's and VFs' attributes, one PF at a time per thread.
+        let pfs = parallel_map(&pfs_found, 1, self.threads, |(found, _), problems| {
+            let name = found.location.to_string();
+            read_pf(
+                &devices_fd,
+                found,
+                DeviceReader::new(&found.dir, &name, problems),
+            )
+        });
         let mut facts = HostFacts {
             pfs: Vec::with_capacity(pfs.len()),
             problems,
         };
-        for (pf, mut pf_problems) in pfs {
+        for ((pf, mut pf_problems), (_, mut link_problems)) in pfs.into_iter().zip(pfs_found) {
+            facts.problems.append(&mut link_problems);
             facts.problems.append(&mut pf_problems);
-            facts.pfs.extend(pf);
+            facts.pfs.push(pf);
         }
         Ok(facts)
     }
+}
+
+/// A PF found by phase 1: its open directory and its VFs (index, location) in index order.
+struct FoundPf {
+    location: Bdf,
+    total_vfs: u16,
+    dir: OwnedFd,
+    vfs: Vec<(u16, Bdf)>,
+}
+
+/// `Some((location, sriov_totalvfs))` when device `name` is an SR-IOV PF: one failed open for
+/// most other devices.
+fn probe_pf(devices: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Option<(Bdf, u16)> {
+    let attribute = format!("{name}/sriov_totalvfs");
+    let text = match read_attr_at(devices.as_fd(), &attribute, str::to_owned) {
+        Ok(text) => text?,
+        Err(e) => {
+            problems.push(io_problem(name, "sriov_totalvfs", "cannot read", e));
+            return None;
+        }
+    };
+    let Ok(total_vfs) = text.parse::<u16>() else {
+        problems.push(problem(
+            name,
+            "sriov_totalvfs",
+            format!("malformed value {text:?}"),
+        ));
+        return None;
+    };
+    if total_vfs == 0 {
+        return None;
+    }
+    let Ok(location) = name.parse::<Bdf>() else {
+        problems.push(problem(
+            name,
+            "name",
+            "the directory name is not a PCI address".into(),
+        ));
+        return None;
+    };
+    Some((location, total_vfs))
+}
+
+/// The PF's VFs from its `virtfnN` links, in index order; a link that is not one becomes a
+/// problem.
+fn read_vf_links(pf_dir: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Vec<(u16, Bdf)> {
+    let mut reader = DeviceReader::new(pf_dir, name, problems);
+    let mut indexes = Vec::new();
+    match list_dir(pf_dir) {
+        Ok(names) => {
+            for name in names {
+                let Some(number) = name.strip_prefix("virtfn") else {
+                    continue;
+                };
+                match number.parse::<u16>() {
+                    Ok(index) => indexes.push(index),
+                    Err(_) => reader.problem(&name, "not a VF number".into()),
+                }
+            }
+        }
+        Err(e) => reader.io_problem(".", "cannot list the PF's directory", e),
+    }
+    indexes.sort_unstable();
+    let mut vfs = Vec::with_capacity(indexes.len());
+    for index in indexes {
+        let link = format!("virtfn{index}");
+        let Some(name) = reader.link_name(&link) else {
+            continue;
+        };
+        match name.parse::<Bdf>() {
+            Ok(location) => vfs.push((index, location)),
+            Err(_) => reader.problem(
+                &link,
+                format!("points to {name:?}, which is not a PCI address"),
+            ),
+        }
+    }
+    vfs
 }
 
 /// Maps `f` over `items` on up to as many threads as there are cores (at most one thread per
@@ -204,12 +272,7 @@ fn parallel_map<T: Sync, R: Send>(
     all.into_iter().map(|(_, r, p)| (r, p)).collect()
 }
 
-fn read_pf(
-    devices: &OwnedFd,
-    location: Bdf,
-    total_vfs: u16,
-    mut reader: DeviceReader<'_>,
-) -> PfFacts {
+fn read_pf(devices: &OwnedFd, found: &FoundPf, mut reader: DeviceReader<'_>) -> PfFacts {
     let vendor = reader.attr::<PciId>("vendor");
     let device = reader.attr::<PciId>("device");
     let numa_node = reader.numa_node();
@@ -219,49 +282,22 @@ fn read_pf(
     let mut vf_device = reader.optional_attr::<PciId>("sriov_vf_device");
     let drivers_autoprobe = reader.attr::<u8>("sriov_drivers_autoprobe").map(|v| v != 0);
 
-    let mut links = Vec::new();
-    match list_dir(&reader.dir) {
-        Ok(names) => {
-            for name in names {
-                let Some(number) = name.strip_prefix("virtfn") else {
-                    continue;
-                };
-                match number.parse::<u16>() {
-                    Ok(index) => links.push(index),
-                    Err(_) => reader.problem(&name, "not a VF number".into()),
-                }
-            }
-        }
-        Err(e) => reader.io_problem(".", "cannot list the PF's directory", e),
-    }
-    links.sort_unstable();
-
-    let mut vfs = Vec::with_capacity(links.len());
+    let mut vfs = Vec::with_capacity(found.vfs.len());
     let mut own_ids: Vec<(PciId, Bdf)> = Vec::new();
-    for index in links {
-        let link = format!("virtfn{index}");
-        let Some(name) = reader.link_name(&link) else {
-            continue;
-        };
-        let Ok(vf_location) = name.parse::<Bdf>() else {
-            reader.problem(
-                &link,
-                format!("points to {name:?}, which is not a PCI address"),
-            );
-            continue;
-        };
-        let vf_dir = match open_dir(devices, name.as_str()) {
+    for &(index, vf_location) in &found.vfs {
+        let name = vf_location.text();
+        let vf_dir = match open_path_dir(devices, &*name) {
             Ok(fd) => fd,
             Err(e) => {
                 reader.io_problem(
-                    &link,
-                    &format!("points to {name}, whose directory cannot be opened"),
+                    &format!("virtfn{index}"),
+                    &format!("points to {}, whose directory cannot be opened", &*name),
                     e,
                 );
                 continue;
             }
         };
-        let mut vf_reader = DeviceReader::new(vf_dir, &name, reader.problems);
+        let mut vf_reader = DeviceReader::new(&vf_dir, &name, reader.problems);
         if vf_device.is_none() {
             let own = vf_reader
                 .text_or("device", || {
@@ -312,12 +348,12 @@ fn read_pf(
         );
     }
     PfFacts {
-        location,
+        location: found.location,
         vendor,
         device,
         numa_node,
         driver,
-        total_vfs: Some(total_vfs),
+        total_vfs: Some(found.total_vfs),
         num_vfs,
         vf_device,
         drivers_autoprobe,
@@ -328,7 +364,7 @@ fn read_pf(
 /// Reads one device's attributes relative to its open directory (no path walk per read),
 /// turning every failure into a problem for that device.
 struct DeviceReader<'a> {
-    dir: OwnedFd,
+    dir: &'a OwnedFd,
     name: &'a str,
     problems: &'a mut Vec<Problem>,
 }
@@ -367,7 +403,7 @@ fn missing_message(attribute: &str) -> String {
 }
 
 impl<'a> DeviceReader<'a> {
-    fn new(dir: OwnedFd, name: &'a str, problems: &'a mut Vec<Problem>) -> DeviceReader<'a> {
+    fn new(dir: &'a OwnedFd, name: &'a str, problems: &'a mut Vec<Problem>) -> DeviceReader<'a> {
         DeviceReader {
             dir,
             name,
@@ -384,29 +420,23 @@ impl<'a> DeviceReader<'a> {
             .push(io_problem(self.name, attribute, what, error));
     }
 
-    /// The attribute's trimmed text; `None` (silently) when it does not exist, `None` plus a
-    /// problem when it cannot be read.
-    fn optional_text(&mut self, attribute: &str) -> Option<String> {
-        match read_attr_at(&self.dir, attribute) {
-            Ok(text) => text,
-            Err(e) => {
-                self.io_problem(attribute, "cannot read", e);
-                None
-            }
-        }
-    }
-
-    /// An attribute vfmap needs: `None` plus a problem when it is missing or unreadable.
-    fn text(&mut self, attribute: &str) -> Option<String> {
-        self.text_or(attribute, || missing_message(attribute))
-    }
-
-    /// Like [`DeviceReader::text`], with `missing` saying what its absence costs.
-    fn text_or(&mut self, attribute: &str, missing: impl FnOnce() -> String) -> Option<String> {
-        match read_attr_at(&self.dir, attribute) {
-            Ok(Some(text)) => Some(text),
+    /// `with` applied to the attribute's trimmed text. An attribute that does not exist is
+    /// `None`, plus a problem saying what its absence costs unless it is `optional`; one that
+    /// cannot be read is `None` plus a problem. The text is borrowed from a stack buffer: most
+    /// attributes are parsed, and allocating each cost more than reading it.
+    fn read<R>(
+        &mut self,
+        attribute: &str,
+        optional: bool,
+        missing: impl FnOnce() -> String,
+        with: impl FnOnce(&str) -> R,
+    ) -> Option<R> {
+        match read_attr_at(self.dir.as_fd(), attribute, with) {
+            Ok(Some(value)) => Some(value),
             Ok(None) => {
-                self.problem(attribute, missing());
+                if !optional {
+                    self.problem(attribute, missing());
+                }
                 None
             }
             Err(e) => {
@@ -414,26 +444,43 @@ impl<'a> DeviceReader<'a> {
                 None
             }
         }
+    }
+
+    /// An attribute vfmap needs, as text: `None` plus a problem when it is missing or
+    /// unreadable; `missing` says what its absence costs.
+    fn text_or(&mut self, attribute: &str, missing: impl FnOnce() -> String) -> Option<String> {
+        self.read(attribute, false, missing, str::to_owned)
+    }
+
+    /// `text` parsed, or `None` plus a problem when it is malformed.
+    fn parsed<T: FromStr>(&mut self, attribute: &str, text: Result<T, String>) -> Option<T> {
+        text.map_err(|text| self.problem(attribute, format!("malformed value {text:?}")))
+            .ok()
     }
 
     fn parse<T: FromStr>(&mut self, attribute: &str, text: String) -> Option<T> {
-        text.parse().ok().or_else(|| {
-            self.problem(attribute, format!("malformed value {text:?}"));
-            None
-        })
+        let parsed = text.parse().map_err(|_| text);
+        self.parsed(attribute, parsed)
     }
 
     /// A parsed attribute vfmap needs: `None` plus a problem when missing, unreadable or
     /// malformed.
     fn attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
-        let text = self.text(attribute)?;
-        self.parse(attribute, text)
+        let parsed = self.read(
+            attribute,
+            false,
+            || missing_message(attribute),
+            |text| text.parse::<T>().map_err(|_| text.to_owned()),
+        )?;
+        self.parsed(attribute, parsed)
     }
 
     /// A parsed attribute some kernels lack: a missing one is `None` without a problem.
     fn optional_attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
-        let text = self.optional_text(attribute)?;
-        self.parse(attribute, text)
+        let parsed = self.read(attribute, true, String::new, |text| {
+            text.parse::<T>().map_err(|_| text.to_owned())
+        })?;
+        self.parsed(attribute, parsed)
     }
 
     fn numa_node(&mut self) -> Option<i32> {
@@ -441,13 +488,18 @@ impl<'a> DeviceReader<'a> {
     }
 
     fn driver_override(&mut self) -> Option<String> {
-        self.text("driver_override")
-            .filter(|v| !v.is_empty() && v != "(null)")
+        self.read(
+            "driver_override",
+            false,
+            || missing_message("driver_override"),
+            |text| (!text.is_empty() && text != "(null)").then(|| text.to_owned()),
+        )
+        .flatten()
     }
 
     /// The last component of a symlink's target; `None` when absent.
     fn link_name(&mut self, link: &str) -> Option<String> {
-        match read_link_name_at(&self.dir, link) {
+        match read_link_name_at(self.dir, link) {
             Ok(name) => name,
             Err(e) => {
                 self.io_problem(link, "cannot read the link", e);
@@ -462,6 +514,17 @@ fn open_dir(base: impl AsFd, path: impl rustix::path::Arg) -> io::Result<OwnedFd
         base,
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// A directory opened only to be a base for `openat`/`readlinkat` (`O_PATH`): cheaper than a
+/// full open, which also sets up reading the directory and tears it down at close.
+fn open_path_dir(base: impl AsFd, path: impl rustix::path::Arg) -> io::Result<OwnedFd> {
+    Ok(openat(
+        base,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?)
 }
@@ -481,7 +544,11 @@ fn list_dir(dir: &OwnedFd) -> io::Result<Vec<String>> {
 
 /// Reads a small attribute in one `read`: sysfs hands over the whole attribute (at most a page)
 /// in the first read, and so does a small regular file (fixtures). `Ok(None)` when absent.
-fn read_attr_at(dir: &OwnedFd, attribute: &str) -> io::Result<Option<String>> {
+fn read_attr_at<R>(
+    dir: BorrowedFd<'_>,
+    attribute: &str,
+    with: impl FnOnce(&str) -> R,
+) -> io::Result<Option<R>> {
     let fd = match openat(
         dir,
         attribute,
@@ -492,35 +559,58 @@ fn read_attr_at(dir: &OwnedFd, attribute: &str) -> io::Result<Option<String>> {
         Err(Errno::NOENT) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    // Twice a page: a sysfs attribute never fills it, so a full buffer means "not one".
-    let mut buf = [0u8; 8192];
-    let len = rustix::io::read(&fd, &mut buf)?;
-    if len == buf.len() {
+    // A page and a byte: a sysfs attribute never fills it, so a full buffer means "not one".
+    // Uninitialized, because this runs a few times per VF and zeroing cost more than the read.
+    let mut buf = [MaybeUninit::<u8>::uninit(); 4097];
+    let (text, rest) = rustix::io::read(&fd, &mut buf)?;
+    if rest.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "longer than a sysfs attribute",
         ));
     }
-    Ok(Some(String::from_utf8_lossy(&buf[..len]).trim().to_owned()))
+    let text = text.trim_ascii();
+    Ok(Some(match std::str::from_utf8(text) {
+        Ok(text) => with(text),
+        Err(_) => with(&String::from_utf8_lossy(text)),
+    }))
 }
 
 /// The file name a symlink points to: `Ok(None)` when the link does not exist.
 fn read_link_name_at(dir: impl AsFd, link: impl rustix::path::Arg) -> io::Result<Option<String>> {
-    match readlinkat(dir, link, Vec::new()) {
-        Ok(target) => {
-            let target = PathBuf::from(OsString::from_vec(target.into_bytes()));
-            target
-                .file_name()
-                .map(|n| Some(n.to_string_lossy().into_owned()))
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("target {} has no file name", target.display()),
-                    )
-                })
+    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+    let target = match rustix::fs::readlinkat_raw(dir, link, &mut buf) {
+        Ok((target, rest)) if !rest.is_empty() => target,
+        // A full buffer may be a cut target: the link is longer than a path may be.
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the link's target is longer than a path",
+            ));
         }
-        Err(Errno::NOENT) => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match target
+        .split(|&b| b == b'/')
+        .rfind(|part| !part.is_empty() && *part != b".")
+    {
+        Some(name) if name != b".." => Ok(Some(lossy_text(name))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "target {} has no file name",
+                String::from_utf8_lossy(target)
+            ),
+        )),
+    }
+}
+
+/// Text from the kernel: UTF-8 in practice, so only odd bytes pay for the lossy copy.
+fn lossy_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
 }
 
