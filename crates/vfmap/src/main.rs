@@ -121,6 +121,15 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
+    /// Whether this is a write to a closed pipe: the reader went away.
+    fn is_broken_pipe(&self) -> bool {
+        self.code == "output"
+            && self.error.chain().any(|e| {
+                e.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            })
+    }
+
     pub(crate) fn new(
         exit: u8,
         code: impl Into<String>,
@@ -141,6 +150,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`vfmap inventory | head`): stop quietly with the
+        // status of a process killed by SIGPIPE, as other tools in a pipeline do.
+        Err(failure) if failure.is_broken_pipe() => ExitCode::from(128 + 13),
         Err(failure) => {
             // One line: the error and its causes joined, the way operators grep logs.
             let message = failure
@@ -151,7 +163,8 @@ fn main() -> ExitCode {
                 .join(": ");
             if json {
                 let doc = serde_json::json!({"error": {"code": failure.code, "message": message}});
-                println!("{doc}");
+                // Best effort: the message also goes to stderr below.
+                let _ = writeln!(io::stdout(), "{doc}");
             }
             eprintln!("vfmap: error: {message}");
             ExitCode::from(failure.exit)
@@ -234,6 +247,14 @@ fn discover(root: &Path) -> Result<vfmap_core::HostFacts, Failure> {
         .map_err(|e| Failure::new(exit::FAILED, "sysfs", e))
 }
 
+/// Writes `text` to stdout; a failed write is a failure (a closed pipe a quiet one), not a panic.
+pub(crate) fn print_text(text: &str) -> Result<(), Failure> {
+    io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| Failure::new(exit::FAILED, "output", e))
+}
+
 pub(crate) fn print_json(value: &impl Serialize) -> Result<(), Failure> {
     let stdout = io::stdout().lock();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
@@ -279,11 +300,7 @@ fn inventory(host: &HostArgs, state_db: Option<&Path>, json: bool) -> Result<(),
             tables: &tables,
         })
     } else {
-        let text = render::inventory(&tables, &host.sysfs_root);
-        io::stdout()
-            .lock()
-            .write_all(text.as_bytes())
-            .map_err(|e| Failure::new(exit::FAILED, "output", e))
+        print_text(&render::inventory(&tables, &host.sysfs_root))
     }
 }
 
@@ -325,13 +342,14 @@ fn run_prepare(
                 tables: None,
             });
         }
+        let mut out = String::new();
         if steps.is_empty() {
-            println!("nothing to do: the host already matches the profiles");
+            out.push_str("nothing to do: the host already matches the profiles\n");
         }
         for step in &steps {
-            println!("would: {step}");
+            out.push_str(&format!("would: {step}\n"));
         }
-        return Ok(());
+        return print_text(&out);
     }
 
     let started = Instant::now();
@@ -368,16 +386,15 @@ fn run_prepare(
         .iter()
         .filter(|v| v.host_driver.is_some())
         .count();
-    if report.steps.is_empty() {
-        println!(
-            "nothing to do: the host already matches the profiles ({bound} VFs with a function)"
-        );
+    print_text(&if report.steps.is_empty() {
+        format!(
+            "nothing to do: the host already matches the profiles ({bound} VFs with a function)\n"
+        )
     } else {
-        println!(
-            "prepared: {} changes in {:.2}s; {bound} VFs with a function are bound to their host driver",
+        format!(
+            "prepared: {} changes in {:.2}s; {bound} VFs with a function are bound to their host driver\n",
             report.steps.len(),
             started.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+        )
+    })
 }

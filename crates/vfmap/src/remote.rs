@@ -17,7 +17,7 @@ use vfmap_api::{
 use vfmap_core::{Bdf, FunctionName, LocalIndex, SlotId, VmName};
 
 use crate::client::{ClientError, call};
-use crate::{Failure, exit, print_json};
+use crate::{Failure, exit, print_json, print_text};
 
 /// `vfmap vm ...`
 #[derive(Debug, clap::Subcommand)]
@@ -224,8 +224,7 @@ pub fn run(socket: &Path, call_spec: Call, json_output: bool) -> Result<(), Fail
     if json_output {
         return print_json(&value);
     }
-    print!("{text}");
-    Ok(())
+    print_text(&text)
 }
 
 /// `value` as the API's response type `T`.

@@ -169,6 +169,30 @@ fn inventory_without_profiles_lists_every_vf_unassigned() {
     assert!(doc["functions"].as_array().unwrap().is_empty());
 }
 
+/// `vfmap inventory | head`: the reader closes the pipe first. No panic, no error message: the
+/// quiet SIGPIPE status, in both output modes.
+#[test]
+fn a_closed_stdout_pipe_is_a_quiet_exit_141() {
+    let host = Host::new();
+    for json in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vfmap"));
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .args(["inventory", "--sysfs-root", &host.root()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "json={json}: {stderr}");
+        assert!(stderr.is_empty(), "json={json}: {stderr}");
+    }
+}
+
 #[test]
 fn inventory_text_shows_the_tables() {
     let out = vfmap(&[
