@@ -279,7 +279,9 @@ impl Virsh {
         }
         let bus = port.index;
         let hostdev = xml::hostdev_xml(vf, &alias, bus);
-        let mut args = vec!["attach-device", target.domain, "/dev/stdin"];
+        // The XML goes on stdin, read back through /proc: /dev/stdin is a link that udev or
+        // systemd makes, not the kernel, and minimal systems lack it.
+        let mut args = vec!["attach-device", target.domain, "/proc/self/fd/0"];
         args.extend(Self::scope(&target));
         self.run(&target, &args, Some(&hostdev)).await?;
         // What libvirt reports now is what counts: the device must sit where it was put.
