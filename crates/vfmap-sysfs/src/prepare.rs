@@ -150,7 +150,14 @@ pub fn prepare(
         done.push(step);
     }
 
-    let tables = Tables::build(&sysfs.discover()?, profiles);
+    // Discovery is most of a daemon's start on a big host: read the host again only when
+    // creating VFs changed it.
+    let facts = if done.is_empty() {
+        facts
+    } else {
+        sysfs.discover()?
+    };
+    let tables = Tables::build(&facts, profiles);
     for step in plan_binds(&tables) {
         on_step(&step);
         executor.run(&step)?;
