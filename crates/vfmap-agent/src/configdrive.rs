@@ -5,19 +5,25 @@
 //! `<dev>/<name>` read at two places only (2,048 bytes at 32 KiB for the ISO 9660 primary
 //! volume descriptor, the 512-byte boot sector for vfat) and its label compared, ignoring
 //! case, with `config-2`. The drive is then mounted read-only (`nosuid,nodev,noexec`) on a
-//! private directory made for it, the file is opened beneath that directory with no symbolic
-//! link followed (`openat2` `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), read up to a bound, and
-//! the drive unmounted. When the kernel lacks the filesystem (`ENODEV`), its module (`isofs`
-//! or `vfat`) is loaded the way drivers are, and the mount tried once more.
+//! private directory made for it (an unguessable name, mode 0700), the file is opened beneath
+//! that directory one component at a time with no symbolic link followed and without blocking
+//! (a FIFO on the drive cannot stall the agent), checked to be a regular file, read up to a
+//! bound, and the drive unmounted, also on every error path. When the kernel lacks the
+//! filesystem (`ENODEV`), its module (`isofs` or `vfat`) is loaded the way drivers are, and
+//! the mount tried once more.
+//!
+//! What cannot be bounded from here: the kernel's own parsing of the image at mount, and a
+//! block device whose reads never complete (the agent then waits in the kernel, as `mount`
+//! would). The drive comes from the hypervisor, which the guest trusts with its disks anyway.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+use rustix::fs::{Mode, OFlags, openat};
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
 use vfmap_core::DriverName;
@@ -103,7 +109,12 @@ fn label_text(bytes: &[u8]) -> Option<String> {
 /// The filesystem and label of the device (or image file) at `path`, from at most 2,560
 /// bytes read. `Ok(None)`: neither filesystem, or no label.
 pub fn read_label(path: &Path) -> io::Result<Option<(Filesystem, String)>> {
-    let file = File::open(path)?;
+    // Non-blocking: no wait for a medium, no hang on anything but a block device or a file.
+    let file = open_nonblocking(path, OFlags::empty())?;
+    let kind = file.metadata()?.file_type();
+    if !(kind.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&kind)) {
+        return Ok(None);
+    }
     let mut pvd = [0u8; 2048];
     if file.read_exact_at(&mut pvd, ISO9660_PVD_OFFSET).is_ok()
         && let Some(label) = iso9660_label(&pvd)
@@ -186,7 +197,10 @@ pub enum ConfigDriveError {
     #[error("[metadata] source = \"file\" needs path = \"/path/to/meta_data.json\"")]
     NoPath,
     /// Making the private mount point failed.
-    #[error("cannot make a mount point in {}", dir.display())]
+    #[error(
+        "cannot make a mount point in {} (set TMPDIR to a writable directory)",
+        dir.display()
+    )]
     MountPoint {
         /// Where.
         dir: PathBuf,
@@ -205,7 +219,11 @@ pub enum ConfigDriveError {
         reason: String,
     },
     /// The mount failed.
-    #[error("cannot mount {} ({}) read-only", node.display(), fs)]
+    #[error(
+        "cannot mount {} ({}) read-only (the agent needs CAP_SYS_ADMIN and the mount system calls; or copy meta_data.json off the drive and set [metadata] source = \"file\")",
+        node.display(),
+        fs
+    )]
     Mount {
         /// The device.
         node: PathBuf,
@@ -216,7 +234,7 @@ pub enum ConfigDriveError {
         source: io::Error,
     },
     /// The file could not be opened or read.
-    #[error("cannot read {path}")]
+    #[error("cannot read {path} (a regular file, reached without symbolic links)")]
     Read {
         /// The file.
         path: String,
@@ -267,39 +285,87 @@ fn read_bounded(mut file: File, path: &str, limit: usize) -> Result<Vec<u8>, Con
 /// Reads the metadata from a file (`[metadata] path`), at most `limit` bytes.
 pub fn read_file(path: &Path, limit: usize) -> Result<Vec<u8>, ConfigDriveError> {
     let shown = path.display().to_string();
-    let file = File::open(path).map_err(|source| ConfigDriveError::Read {
-        path: shown.clone(),
-        source,
-    })?;
+    let file =
+        open_nonblocking(path, OFlags::empty()).map_err(|source| ConfigDriveError::Read {
+            path: shown.clone(),
+            source,
+        })?;
     read_bounded(file, &shown, limit)
 }
 
-/// A directory only this process uses, removed on drop (when empty: a mount that could not be
-/// undone keeps it, and the error says so).
+/// Opens `path` read-only without blocking (a FIFO or a device without a medium cannot stall
+/// the open; reads of a regular file or a block device are not affected).
+fn open_nonblocking(path: &Path, extra: OFlags) -> io::Result<File> {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY | extra;
+    Ok(File::from(rustix::fs::open(path, flags, Mode::empty())?))
+}
+
+/// Opens `relative` (plain names joined by `/`) beneath the directory `dir`, one component at
+/// a time, following no symbolic link (`O_NOFOLLOW` on each, `O_DIRECTORY` on each directory)
+/// and without blocking. Nothing is mounted beneath a fresh private mount point, so this stays
+/// on the drive; unlike `openat2`, it works on every kernel a guest may run.
+fn open_beneath(dir: &Path, relative: &str) -> io::Result<File> {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let mut at = rustix::fs::open(dir, flags | OFlags::DIRECTORY, Mode::empty())?;
+    let mut parts = relative.split('/').peekable();
+    while let Some(part) = parts.next() {
+        let kind = if parts.peek().is_some() {
+            OFlags::DIRECTORY
+        } else {
+            OFlags::NONBLOCK | OFlags::NOCTTY
+        };
+        at = openat(&at, part, flags | kind, Mode::empty())?;
+    }
+    Ok(File::from(at))
+}
+
+/// A directory only this process uses (mode 0700, a random name, so no other user of a shared
+/// `/tmp` can take or foresee it), removed on drop when empty.
 struct MountPoint(PathBuf);
 
 impl MountPoint {
     fn new(parent: &Path) -> Result<MountPoint, ConfigDriveError> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = parent.join(format!(
-            "vfmap-config-drive.{}.{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| ConfigDriveError::MountPoint {
-                dir: parent.to_owned(),
-                source,
-            })?;
-        Ok(MountPoint(dir))
+        let mut attempt = 0;
+        loop {
+            let dir = parent.join(format!(
+                "vfmap-config-drive.{}.{:016x}",
+                std::process::id(),
+                RandomState::new().hash_one(attempt)
+            ));
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(MountPoint(dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(source) => {
+                    return Err(ConfigDriveError::MountPoint {
+                        dir: parent.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 }
 
 impl Drop for MountPoint {
     fn drop(&mut self) {
         let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// A mounted drive, unmounted on drop (detached if busy); a failure is said on stderr, with
+/// the command that undoes it.
+struct Mounted<'p>(&'p Path);
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        if unmount(self.0, UnmountFlags::empty()).is_err()
+            && let Err(e) = unmount(self.0, UnmountFlags::DETACH)
+        {
+            let dir = self.0.display();
+            eprintln!(
+                "vfmap-agent: cannot unmount the config drive from {dir}: {e}; run umount -l {dir}"
+            );
+        }
     }
 }
 
@@ -331,31 +397,13 @@ pub fn read_drive(
         fs,
         source: e.into(),
     })?;
+    let _mounted = Mounted(&point.0);
     let shown = format!("{}:/{METADATA_PATH}", drive.node.display());
-    let read = File::open(&point.0)
-        .and_then(|dir| {
-            let fd = openat2(
-                &dir,
-                METADATA_PATH,
-                OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-                ResolveFlags::BENEATH
-                    | ResolveFlags::NO_SYMLINKS
-                    | ResolveFlags::NO_MAGICLINKS
-                    | ResolveFlags::NO_XDEV,
-            )?;
-            Ok(File::from(fd))
-        })
-        .map_err(|source| ConfigDriveError::Read {
-            path: shown.clone(),
-            source,
-        })
-        .and_then(|file| read_bounded(file, &shown, limit));
-    if unmount(&point.0, UnmountFlags::empty()).is_err() {
-        // Busy cannot be (the file is closed); detach whatever holds it.
-        let _ = unmount(&point.0, UnmountFlags::DETACH);
-    }
-    read
+    let file = open_beneath(&point.0, METADATA_PATH).map_err(|source| ConfigDriveError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    read_bounded(file, &shown, limit)
 }
 
 #[cfg(test)]
@@ -505,6 +553,78 @@ mod tests {
                 Err(e) => eprintln!("skipped mkfs.vfat image: {e}"),
             }
         }
+    }
+
+    /// A FIFO where a file or a device is expected: nothing may block on it.
+    fn fifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_metadata_is_opened_beneath_without_links_or_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (drive, outside) = (dir.path().join("drive"), dir.path().join("outside"));
+        fs::create_dir_all(drive.join("openstack/latest")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("meta_data.json"), "{}").unwrap();
+        let meta = drive.join(METADATA_PATH);
+        let opened = || open_beneath(&drive, METADATA_PATH).map(|f| read_bounded(f, "m", 10));
+
+        fs::write(&meta, "{}").unwrap();
+        assert_eq!(opened().unwrap().unwrap(), b"{}");
+        // The file a symbolic link.
+        fs::remove_file(&meta).unwrap();
+        std::os::unix::fs::symlink(outside.join("meta_data.json"), &meta).unwrap();
+        assert_eq!(
+            opened().unwrap_err().raw_os_error(),
+            Some(Errno::LOOP.raw_os_error())
+        );
+        // A directory on the way a symbolic link.
+        fs::remove_dir_all(drive.join("openstack")).unwrap();
+        fs::create_dir_all(drive.join("openstack")).unwrap();
+        std::os::unix::fs::symlink(&outside, drive.join("openstack/latest")).unwrap();
+        assert!(opened().is_err());
+        // A FIFO: opened without blocking, then refused as not a regular file.
+        fs::remove_file(drive.join("openstack/latest")).unwrap();
+        fs::create_dir_all(drive.join("openstack/latest")).unwrap();
+        fifo(&meta);
+        assert!(matches!(
+            opened().unwrap(),
+            Err(ConfigDriveError::NotAFile(_))
+        ));
+        assert!(matches!(
+            read_file(&meta, 10),
+            Err(ConfigDriveError::NotAFile(_))
+        ));
+        // Label probing skips it.
+        assert_eq!(read_label(&meta).unwrap(), None);
+    }
+
+    #[test]
+    fn mount_points_are_private_and_unforeseeable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            MountPoint::new(dir.path()).unwrap(),
+            MountPoint::new(dir.path()).unwrap(),
+        );
+        assert_ne!(a.0, b.0);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&a.0).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let kept = a.0.clone();
+        drop(a);
+        assert!(!kept.exists(), "removed on drop");
+        let err = MountPoint::new(&dir.path().join("none")).err().unwrap();
+        assert!(err.to_string().contains("set TMPDIR"), "{err}");
     }
 
     #[test]

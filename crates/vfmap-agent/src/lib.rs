@@ -16,6 +16,7 @@
 pub mod configdrive;
 pub mod events;
 pub mod metadata;
+mod metadata_mode;
 pub mod uevent;
 
 use std::collections::BTreeMap;
@@ -29,9 +30,8 @@ use vfmap_core::protocol::{Answer, Entry, GuestPath};
 use vfmap_core::{Bdf, DriverName, FunctionName, LocalIndex, PciId};
 use vfmap_sysfs::{ModuleLoader, Sysfs, SysfsWriter};
 
-use crate::configdrive::ConfigDriveError;
-
 pub use events::{DeviceEvents, Polling, UeventSocket, Wake};
+pub use metadata_mode::{FunctionConfig, MetadataConfig, MetadataSource, check_metadata};
 pub use uevent::Uevent;
 
 /// The agent's configuration (`/etc/vfmap/agent.toml`, every field optional).
@@ -54,56 +54,6 @@ pub struct Config {
     pub bind_timeout_ms: u64,
     /// `[metadata]`: also take the correspondence from the orchestrator's `meta_data.json`.
     pub metadata: Option<MetadataConfig>,
-}
-
-/// `[metadata]`: where the orchestrator's `meta_data.json` is, and what its functions mean.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataConfig {
-    /// `"config-drive"` (the default): the block device labelled `config-2`; `"file"`: `path`.
-    #[serde(default)]
-    pub source: MetadataSource,
-    /// The `meta_data.json` to read when `source = "file"`.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// How long to wait for the config drive to appear, in milliseconds.
-    #[serde(default = "MetadataConfig::default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// `[metadata.functions.<name>]`: each function the metadata may name (its tags are
-    /// `vfmap:<name>`), with its guest driver and the IDs its devices must report.
-    #[serde(default)]
-    pub functions: BTreeMap<String, FunctionConfig>,
-}
-
-impl MetadataConfig {
-    fn default_timeout_ms() -> u64 {
-        10_000
-    }
-}
-
-/// Where the metadata is read from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MetadataSource {
-    /// The block device labelled `config-2`.
-    #[default]
-    ConfigDrive,
-    /// The file at `path`.
-    File,
-}
-
-/// One function of `[metadata.functions]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FunctionConfig {
-    /// The guest driver to bind, a plain module name (and in `allowed_drivers` when that is set).
-    pub driver: String,
-    /// Vendor ID the device must report (`"0x1b36"`), when set.
-    #[serde(default)]
-    pub vendor: Option<PciId>,
-    /// Device ID the device must report, when set.
-    #[serde(default)]
-    pub device: Option<PciId>,
 }
 
 impl Default for Config {
@@ -196,6 +146,16 @@ pub enum AgentError {
         bdf: Bdf,
         /// Who has it.
         holder: String,
+    },
+    /// The metadata's address is a bridge (a root port, a switch port, the host bridge).
+    #[error(
+        "device {bdf} is a PCI bridge (class {class:#08x}), never a VF: the metadata's address is wrong (see docs/metadata.md)"
+    )]
+    Bridge {
+        /// The address.
+        bdf: Bdf,
+        /// Its class code.
+        class: u32,
     },
 }
 
@@ -451,11 +411,10 @@ impl<'a> Agent<'a> {
     }
 
     fn check_allowed(&self, driver: &DriverName) -> Result<(), AgentError> {
-        match &self.config.allowed_drivers {
-            Some(allowed) if !allowed.iter().any(|d| d == driver.as_str()) => {
-                Err(AgentError::NotAllowed(driver.to_string()))
-            }
-            _ => Ok(()),
+        if allows(&self.config, driver) {
+            Ok(())
+        } else {
+            Err(AgentError::NotAllowed(driver.to_string()))
         }
     }
 
@@ -609,137 +568,6 @@ impl<'a> Agent<'a> {
         answers
     }
 
-    /// The device at `bdf` (an address from the metadata), waiting up to `timeout` for it:
-    /// orchestrator-placed devices are there at boot, but the agent may start first.
-    fn wait_for_device(&mut self, bdf: Bdf, timeout: Duration) -> Result<(), AgentError> {
-        let started = Instant::now();
-        let vendor = self.sysfs.device_dir(bdf).join("vendor");
-        wait_until(
-            &mut *self.events,
-            deadline_after(timeout),
-            |event| event.is_pci() && event.name() == bdf.to_string(),
-            || vendor.exists().then_some(()),
-        )
-        .ok_or_else(|| AgentError::NoDeviceAt {
-            bdf,
-            waited: started.elapsed(),
-        })
-    }
-
-    fn bind_metadata_entry(
-        &mut self,
-        entry: &metadata::MetaEntry,
-        functions: &BTreeMap<String, FunctionConfig>,
-    ) -> Result<DriverName, AgentError> {
-        let function = functions
-            .get(entry.function.as_str())
-            .ok_or_else(|| AgentError::UnknownFunction(entry.function.to_string()))?;
-        let driver = DriverName::new(&function.driver).map_err(AgentError::Bind)?;
-        self.check_allowed(&driver)?;
-        let bdf = entry.guest_bdf;
-        if let Some((local_index, _)) = self
-            .current
-            .iter()
-            .find(|(_, p)| p.state == "bound" && published_bdf(p) == Some(bdf))
-        {
-            return Err(AgentError::ClaimedTwice {
-                bdf,
-                holder: format!("the host's local index {local_index}"),
-            });
-        }
-        self.wait_for_device(bdf, Duration::from_millis(self.config.hotplug_timeout_ms))?;
-        self.bind_device(bdf, &driver, function.vendor, function.device)?;
-        Ok(driver)
-    }
-
-    /// Makes the guest match the metadata's devices (`parsed.entries`, functions and drivers
-    /// from `functions`): binds each through the same path as the host's entries, releases
-    /// what a previous run bound from metadata that is no longer there, and publishes. A
-    /// device the host's correspondence already has is refused. Returns the metadata's
-    /// entries as published (each `bound` or `failed` with its reason).
-    pub fn apply_metadata(
-        &mut self,
-        parsed: &metadata::Parsed,
-        functions: &BTreeMap<String, FunctionConfig>,
-    ) -> Vec<Published> {
-        self.events.discard_pending();
-        for (bdf, old) in std::mem::take(&mut self.from_metadata) {
-            if parsed.entries.iter().any(|e| e.guest_bdf == bdf) {
-                self.from_metadata.insert(bdf, old);
-            } else if let Err(e) = self.release(&old) {
-                eprintln!("vfmap-agent: releasing {bdf} (metadata): {e}");
-            }
-        }
-        for entry in &parsed.entries {
-            let (driver, state, reason) = match self.bind_metadata_entry(entry, functions) {
-                Ok(driver) => (Some(driver.to_string()), "bound", None),
-                Err(e) => (
-                    None,
-                    "failed",
-                    Some(vfmap_core::protocol::fit_text(&e.to_string())),
-                ),
-            };
-            self.from_metadata.insert(
-                entry.guest_bdf,
-                Published {
-                    source: Source::Metadata,
-                    local_index: None,
-                    function: entry.function.to_string(),
-                    path: None,
-                    guest_bdf: Some(entry.guest_bdf.to_string()),
-                    driver,
-                    state: state.into(),
-                    reason,
-                },
-            );
-        }
-        if let Err(e) = self.publish() {
-            eprintln!(
-                "vfmap-agent: publishing to {}: {e}",
-                self.config.run_dir.display()
-            );
-        }
-        self.from_metadata.values().cloned().collect()
-    }
-
-    /// Reads the `meta_data.json` that `config` names, at most [`metadata::MAX_METADATA`]
-    /// bytes: the file, or the config drive, waited for up to `timeout_ms` (checked at once,
-    /// then on each block device uevent). Returns it with a description of where it was.
-    pub fn read_metadata(
-        &mut self,
-        config: &MetadataConfig,
-    ) -> Result<(Vec<u8>, String), ConfigDriveError> {
-        let limit = metadata::MAX_METADATA;
-        if config.source == MetadataSource::File {
-            let path = config.path.as_ref().ok_or(ConfigDriveError::NoPath)?;
-            let bytes = configdrive::read_file(path, limit)?;
-            return Ok((bytes, path.display().to_string()));
-        }
-        let started = Instant::now();
-        let (sysfs_root, dev_root) = (&self.config.sysfs_root, &self.config.dev_root);
-        let drives = wait_until(
-            &mut *self.events,
-            deadline_after(Duration::from_millis(config.timeout_ms)),
-            |event| event.subsystem.as_deref() == Some("block"),
-            || Some(configdrive::find(sysfs_root, dev_root)).filter(|d| !d.is_empty()),
-        )
-        .ok_or_else(|| ConfigDriveError::NotFound {
-            waited_ms: started.elapsed().as_millis(),
-        })?;
-        let [drive] = drives.as_slice() else {
-            let names: Vec<&str> = drives.iter().map(|d| d.name.as_str()).collect();
-            return Err(ConfigDriveError::Several(names.join(", ")));
-        };
-        let bytes = configdrive::read_drive(drive, &std::env::temp_dir(), self.loader, limit)?;
-        let from = format!(
-            "{} ({}, label {})",
-            drive.node.display(),
-            drive.filesystem.mount_type(),
-            configdrive::LABEL
-        );
-        Ok((bytes, from))
-    }
-
     /// Writes `devices.json` and `by-function/<function>/<name>` → the device's sysfs
     /// directory, each replaced atomically. The name is the local index for the host's
     /// entries, the guest address for the metadata's.
@@ -781,6 +609,14 @@ impl<'a> Agent<'a> {
     }
 }
 
+/// Whether `allowed_drivers` (when set) lists `driver`.
+fn allows(config: &Config, driver: &DriverName) -> bool {
+    config
+        .allowed_drivers
+        .as_ref()
+        .is_none_or(|allowed| allowed.iter().any(|d| d == driver.as_str()))
+}
+
 /// The guest address a published entry names, if any.
 fn published_bdf(published: &Published) -> Option<Bdf> {
     published.guest_bdf.as_deref()?.parse().ok()
@@ -813,47 +649,4 @@ pub fn check_allowlist(config: &Config) -> Result<(), String> {
         DriverName::new(d)?;
     }
     Ok(())
-}
-
-/// Checks `[metadata]`: a `path` exactly when `source = "file"`, at least one function, valid
-/// function and driver names. Returns warnings: functions whose driver the allowlist refuses
-/// (their devices are reported and skipped).
-pub fn check_metadata(config: &Config) -> Result<Vec<String>, String> {
-    let Some(metadata) = &config.metadata else {
-        return Ok(Vec::new());
-    };
-    match (metadata.source, &metadata.path) {
-        (MetadataSource::File, None) => {
-            return Err(
-                "[metadata] source = \"file\" needs path = \"/path/to/meta_data.json\"".into(),
-            );
-        }
-        (MetadataSource::ConfigDrive, Some(_)) => {
-            return Err(
-                "[metadata] path is read only with source = \"file\"; set source = \"file\" or remove path"
-                    .into(),
-            );
-        }
-        _ => {}
-    }
-    if metadata.functions.is_empty() {
-        return Err(
-            "[metadata] has no functions: add [metadata.functions.<name>] with driver = \"<module>\" for each function the metadata's vfmap:<name> tags name"
-                .into(),
-        );
-    }
-    let mut warnings = Vec::new();
-    for (name, function) in &metadata.functions {
-        FunctionName::new(name).map_err(|e| format!("[metadata.functions.{name}]: {e}"))?;
-        let driver = DriverName::new(&function.driver)
-            .map_err(|e| format!("[metadata.functions.{name}] driver: {e}"))?;
-        if let Some(allowed) = &config.allowed_drivers
-            && !allowed.iter().any(|d| d == driver.as_str())
-        {
-            warnings.push(format!(
-                "[metadata.functions.{name}] driver {driver} is not in allowed_drivers: its devices will be skipped; add it to allowed_drivers or change the driver"
-            ));
-        }
-    }
-    Ok(warnings)
 }

@@ -20,6 +20,16 @@ use vfmap_core::protocol::{
 };
 use vfmap_sysfs::{FileWriter, Modprobe};
 
+/// `eprintln!`, but the line goes out in one write: stderr is unbuffered, so `eprintln!` writes
+/// each formatted piece on its own, and on a console shared with other programs their output
+/// could land inside the agent's line.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 fn send(port: &mut File, message: &GuestMessage) -> std::io::Result<()> {
     port.write_all(&to_line(message))
 }
@@ -49,13 +59,13 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
                 Ok(HostMessage::Apply { id, entries, .. }) => {
                     let answers = agent.apply(&entries);
                     for a in &answers {
-                        eprintln!(
+                        say!(
                             "vfmap-agent: {}",
                             serde_json::to_string(a).unwrap_or_default()
                         );
                     }
                     for t in agent.timings() {
-                        eprintln!(
+                        say!(
                             "vfmap-agent: timing local_index={} device_ms={} bind_ms={}",
                             t.local_index,
                             t.device.as_millis(),
@@ -88,29 +98,29 @@ fn serve_metadata(agent: &mut Agent<'_>, config: &MetadataConfig) {
     let (bytes, from) = match agent.read_metadata(config) {
         Ok(read) => read,
         Err(e) => {
-            eprintln!("vfmap-agent: metadata: {e}; nothing is bound from metadata");
+            say!("vfmap-agent: metadata: {e}; nothing is bound from metadata");
             return;
         }
     };
     let parsed = match metadata::parse(&bytes) {
         Ok(parsed) => parsed,
         Err(e) => {
-            eprintln!("vfmap-agent: metadata from {from}: {e}; nothing is bound from metadata");
+            say!("vfmap-agent: metadata from {from}: {e}; nothing is bound from metadata");
             return;
         }
     };
     for rejected in &parsed.rejected {
-        eprintln!("vfmap-agent: metadata: {rejected}; skipped");
+        say!("vfmap-agent: metadata: {rejected}; skipped");
     }
     let published = agent.apply_metadata(&parsed, &config.functions);
     for p in &published {
         let bdf = p.guest_bdf.as_deref().unwrap_or("?");
         match (&p.driver, &p.reason) {
-            (Some(driver), _) => eprintln!(
+            (Some(driver), _) => say!(
                 "vfmap-agent: metadata: {bdf} function {}: bound {driver}",
                 p.function
             ),
-            (None, reason) => eprintln!(
+            (None, reason) => say!(
                 "vfmap-agent: metadata: {bdf} function {}: failed: {}",
                 p.function,
                 reason.as_deref().unwrap_or("unknown")
@@ -118,7 +128,7 @@ fn serve_metadata(agent: &mut Agent<'_>, config: &MetadataConfig) {
         }
     }
     let bound = published.iter().filter(|p| p.state == "bound").count();
-    eprintln!(
+    say!(
         "vfmap-agent: metadata from {from}: {bound} bound, {} failed, {} skipped, {} devices not vfmap's",
         published.len() - bound,
         parsed.rejected.len(),
@@ -132,7 +142,7 @@ fn main() -> ExitCode {
         [] => PathBuf::from("/etc/vfmap/agent.toml"),
         [flag, path] if flag == "--config" => PathBuf::from(path),
         _ => {
-            eprintln!("usage: vfmap-agent [--config FILE]   (default /etc/vfmap/agent.toml)");
+            say!("usage: vfmap-agent [--config FILE]   (default /etc/vfmap/agent.toml)");
             return ExitCode::from(2);
         }
     };
@@ -143,12 +153,12 @@ fn main() -> ExitCode {
     let config = match checked {
         Ok((warnings, config)) => {
             for w in warnings {
-                eprintln!("vfmap-agent: warning: {}: {w}", config_path.display());
+                say!("vfmap-agent: warning: {}: {w}", config_path.display());
             }
             config
         }
         Err(e) => {
-            eprintln!("vfmap-agent: error: {e}");
+            say!("vfmap-agent: error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -162,7 +172,7 @@ fn main() -> ExitCode {
     let events: Box<dyn DeviceEvents> = match UeventSocket::open() {
         Ok(socket) => Box::new(socket),
         Err(e) => {
-            eprintln!(
+            say!(
                 "vfmap-agent: warning: cannot subscribe to kernel uevents ({e}); polling sysfs every {} ms while waiting for devices and drivers",
                 Polling::DEFAULT_INTERVAL.as_millis()
             );
@@ -172,17 +182,25 @@ fn main() -> ExitCode {
     let mut agent = Agent::new(config, &FileWriter, &Modprobe, events);
     if let Some(metadata_config) = &metadata_config {
         serve_metadata(&mut agent, metadata_config);
+    } else {
+        let released = agent.drop_metadata();
+        if released > 0 {
+            say!(
+                "vfmap-agent: no [metadata] in {}: released the {released} devices a previous run bound from metadata",
+                config_path.display()
+            );
+        }
     }
     let mut said_waiting = false;
     loop {
         let Some(path) = find_port(&sysfs_root, &dev_root, &port_name) else {
             if !said_waiting {
                 if metadata_config.is_some() {
-                    eprintln!(
+                    say!(
                         "vfmap-agent: no virtio-serial port {port_name:?}: serving the metadata's devices only; the port is used if it appears"
                     );
                 } else {
-                    eprintln!(
+                    say!(
                         "vfmap-agent: waiting for virtio-serial port {port_name:?} (is virtio_console loaded?)"
                     );
                 }
@@ -194,12 +212,12 @@ fn main() -> ExitCode {
         said_waiting = false;
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(port) => {
-                eprintln!("vfmap-agent: serving on {}", path.display());
+                say!("vfmap-agent: serving on {}", path.display());
                 if let Err(e) = serve(&mut agent, port) {
-                    eprintln!("vfmap-agent: port {}: {e}; reopening", path.display());
+                    say!("vfmap-agent: port {}: {e}; reopening", path.display());
                 }
             }
-            Err(e) => eprintln!("vfmap-agent: cannot open {}: {e}", path.display()),
+            Err(e) => say!("vfmap-agent: cannot open {}: {e}", path.display()),
         }
         std::thread::sleep(Duration::from_millis(500));
     }

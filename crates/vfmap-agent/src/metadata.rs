@@ -124,24 +124,24 @@ pub enum MetadataError {
 
 /// `text` quoted and escaped, cut to [`MAX_SHOWN`] characters (so at most 4 bytes each).
 pub fn shown(text: &str) -> String {
-    let escaped = format!("{text:?}");
-    let mut cut: String = escaped.chars().take(MAX_SHOWN).collect();
-    if cut.len() < escaped.len() {
-        cut.push('…');
-    }
-    cut
+    cut(&format!("{text:?}"), MAX_SHOWN)
 }
 
-/// serde_json's message, bounded (it may quote the input).
+/// serde_json's message, bounded (it may quote the input), control characters blanked.
 fn serde_message(error: &serde_json::Error) -> String {
-    let text = error.to_string();
-    let mut cut: String = text.chars().take(2 * MAX_SHOWN).collect();
+    cut(&error.to_string(), 2 * MAX_SHOWN)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The first `max` characters of `text`, and `…` when that is not all of it.
+fn cut(text: &str, max: usize) -> String {
+    let mut cut: String = text.chars().take(max).collect();
     if cut.len() < text.len() {
         cut.push('…');
     }
-    cut.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    cut
 }
 
 /// The top level: only `devices` is read; other keys are tolerated, `devices` given twice is not.

@@ -809,3 +809,79 @@ fn the_config_drive_is_waited_for_and_reported_when_missing_or_doubled() {
         "{err}"
     );
 }
+
+#[test]
+fn absent_metadata_devices_share_one_wait() {
+    let g = guest();
+    let mut agent = g.agent();
+    // Eight absent addresses: waited for together (300 ms), not 300 ms each (2.4 s).
+    let absent: Vec<(String, &str)> = (0..8)
+        .map(|i| (format!("0000:1{i}:00.0"), "vfmap:storage"))
+        .collect();
+    let mut devices: Vec<(&str, &str)> = absent.iter().map(|(a, t)| (a.as_str(), *t)).collect();
+    devices.push(("0000:03:00.0", "vfmap:crypto"));
+    let started = Instant::now();
+    let published = agent.apply_metadata(&metadata_doc(&devices), &functions(true));
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1_200), "took {took:?}");
+    // Published in address order: 03:00.0 first, then the absent ones.
+    assert!(published[1..].iter().all(|p| p.state == "failed"));
+    // A device that is there is still bound after the shared deadline has passed.
+    assert_eq!(published[0].state, "bound");
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+}
+
+#[test]
+fn metadata_naming_a_bridge_is_refused() {
+    let g = guest();
+    // The root port 00:03.0 as the kernel shows it: a PCI-to-PCI bridge (the generated tree
+    // gives every device the NVMe class).
+    let port = g.tree.root().join("bus/pci/devices/0000:00:03.0/class");
+    std::fs::write(&port, "0x060400\n").unwrap();
+    let mut agent = g.agent();
+    let published = agent.apply_metadata(
+        &metadata_doc(&[("0000:00:03.0", "vfmap:crypto")]),
+        &functions(false),
+    );
+    let reason = published[0].reason.as_deref().unwrap();
+    assert!(
+        reason.contains("0000:00:03.0 is a PCI bridge (class 0x060400)"),
+        "{reason}"
+    );
+    assert!(g.kernel.writes().is_empty(), "{:?}", g.kernel.writes());
+}
+
+#[test]
+fn an_agent_without_metadata_mode_releases_what_metadata_bound() {
+    let g = guest();
+    let mut agent = g.agent();
+    agent.apply_metadata(
+        &metadata_doc(&[("0000:03:00.0", "vfmap:crypto")]),
+        &functions(false),
+    );
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    // Restarted with [metadata] removed: nothing stays pinned or blocks the host.
+    let mut agent = g.agent();
+    assert_eq!(agent.drop_metadata(), 1);
+    assert_eq!(g.driver("0000:03:00.0"), None);
+    assert!(g.published().is_empty());
+    let answers = agent.apply(&three());
+    assert!(
+        answers.iter().all(|a| matches!(a, Answer::Bound { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(agent.drop_metadata(), 0);
+}
+
+#[test]
+fn functions_without_ids_are_warned_about() {
+    let mut config: Config =
+        toml::from_str("[metadata.functions.a]\ndriver = \"nvme\"\n[metadata.functions.b]\ndriver = \"nvme\"\ndevice = \"0x0010\"").unwrap();
+    config.allowed_drivers = None;
+    let warnings = check_metadata(&config).unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("[metadata.functions.a] has no vendor or device"),
+        "{warnings:?}"
+    );
+}
