@@ -696,3 +696,28 @@ async fn recovery_forgets_a_vm_whose_domain_was_undefined_meanwhile() {
     assert!(engine.vm_view("web").is_err());
     assert_eq!(free(&engine, "crypto"), 2);
 }
+
+#[tokio::test]
+async fn a_vf_the_vm_lost_is_released_at_the_next_check() {
+    let rig = Rig::new();
+    let engine = Arc::new(rig.engine().await);
+    engine.add_vm(vm("web")).await.unwrap();
+    engine.attach(request("web", "crypto", 2)).await.unwrap();
+    // The VM was restarted between two checks: one live-only device did not come back.
+    rig.hv
+        .plugged
+        .lock()
+        .unwrap()
+        .get_mut("web")
+        .unwrap()
+        .remove("vfmap-vf0");
+    engine.reconcile_orphans().await;
+    until(|| free(&engine, "crypto") == 1).await;
+    let view = engine.vm_view("web").unwrap();
+    assert_eq!(view.correspondence.len(), 1);
+    assert_eq!(view.correspondence[0].global_index.get(), 1);
+    // Nothing else changes at the next check.
+    engine.reconcile_orphans().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(free(&engine, "crypto"), 1);
+}

@@ -214,25 +214,89 @@ impl Engine {
             return;
         }
         info!(vm = %vm.name, vfs = held.len(), why = %why, "the VM stopped; releasing its VFs");
+        self.release_all(vm, held).await;
+    }
+
+    /// Releases each of these assignments of `vm` (still held as they were, and not being
+    /// released by another task) without telling the agent: reset, host driver, free.
+    async fn release_all(&self, vm: &VmSpec, held: Vec<Assignment>) {
         for a in held {
             let Some(_claim) = self.claim(a.global_index) else {
                 continue;
             };
-            if a.state != vfmap_core::AssignState::Releasing {
-                let released = self
-                    .commit(|s| {
-                        Ok(vec![Mutation::Pool(
-                            s.pool.plan_release(vm.name.as_str(), a.local_index)?,
-                        )])
-                    })
-                    .await;
-                if let Err(e) = released {
-                    warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "could not release a stopped VM's VF");
-                    continue;
-                }
+            if let Some(current) = self.unchanged(&a) {
+                self.release_lost(vm, &current).await;
             }
-            if let Err(e) = self.finish_release(vm, &a, false, true).await {
-                warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "releasing a stopped VM's VF failed; retried at the next check");
+        }
+    }
+
+    /// The assignment as it is now, if it is still `a`'s (same VM and local index) and not
+    /// attaching.
+    fn unchanged(&self, a: &Assignment) -> Option<Assignment> {
+        self.lock()
+            .pool
+            .assignment(a.global_index)
+            .filter(|c| c.vm == a.vm && c.local_index == a.local_index)
+            .filter(|c| !c.state.is_attaching())
+            .cloned()
+    }
+
+    /// Releases a VF its VM lost; the caller holds its claim.
+    async fn release_lost(&self, vm: &VmSpec, a: &Assignment) {
+        if a.state != vfmap_core::AssignState::Releasing {
+            let released = self
+                .commit(|s| {
+                    Ok(vec![Mutation::Pool(
+                        s.pool.plan_release(vm.name.as_str(), a.local_index)?,
+                    )])
+                })
+                .await;
+            if let Err(e) = released {
+                warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "could not release a lost VF");
+                return;
+            }
+        }
+        if let Err(e) = self.finish_release(vm, a, false, true).await {
+            warn!(vm = %vm.name, vf = %a.location, error = %chain(&e), "releasing a lost VF failed; retried at the next check");
+        }
+    }
+
+    /// The VM's ready assignments now.
+    fn ready_of(&self, vm: &VmSpec) -> Vec<Assignment> {
+        self.lock()
+            .pool
+            .assignments_of(&vm.name)
+            .filter(|a| a.state == vfmap_core::AssignState::Ready)
+            .cloned()
+            .collect()
+    }
+
+    /// Releases the VFs that were ready in `vm` before its devices were listed as `plugged`
+    /// and are not among them: the VM lost them (it was restarted between two checks, and a
+    /// live-only device does not survive that). Each is checked again while its release is
+    /// claimed (no detach or re-attach can run then), with a fresh list.
+    pub(super) async fn release_missing(
+        &self,
+        vm: &VmSpec,
+        ready_before: &[Assignment],
+        plugged: &[String],
+    ) {
+        for a in ready_before {
+            if plugged.contains(&device_id(a.global_index)) {
+                continue;
+            }
+            let Some(_claim) = self.claim(a.global_index) else {
+                continue;
+            };
+            let Some(current) = self.unchanged(a) else {
+                continue;
+            };
+            match self.adapters.hypervisor.plugged(vm).await {
+                Ok(now) if !now.contains(&device_id(a.global_index)) => {
+                    warn!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "the VM no longer has this VF (restarted?); releasing it");
+                    self.release_lost(vm, &current).await;
+                }
+                _ => {}
             }
         }
     }
@@ -256,8 +320,14 @@ impl Engine {
             }
             let engine = self.clone();
             tokio::spawn(async move {
+                // Only what was ready before asking can be missing from the answer (an attach
+                // that completes meanwhile is not in it yet).
+                let ready_before = engine.ready_of(&vm);
                 match engine.adapters.hypervisor.plugged(&vm).await {
-                    Ok(ids) => engine.remove_orphans(&vm, &ids).await,
+                    Ok(ids) => {
+                        engine.remove_orphans(&vm, &ids).await;
+                        engine.release_missing(&vm, &ready_before, &ids).await;
+                    }
                     Err(e) => match e.lifecycle() {
                         Some(Lifecycle::Stopped) => engine.vm_stopped(&vm, &chain(&e)).await,
                         Some(Lifecycle::Undefined) => engine.vm_undefined(&vm, &chain(&e)).await,
