@@ -65,7 +65,7 @@ domain_xml() {
 }
 
 # start_domain [EXTRA_KERNEL_ARGS]: defines and starts the domain; returns when its agent serves
-# its port (printing the seconds elapsed every 10 s while the guest boots).
+# its port (a progress line every 5 s while the guest boots).
 start_domain() {
     domain_xml "${1:-}" > "$W/domain.xml"
     virsh define "$W/domain.xml" > /dev/null || { check domain-define FAIL "virsh define"; return 1; }
@@ -77,7 +77,7 @@ wait_agent_up() {
     local t0=$SECONDS
     for i in $(seq 600); do
         grep -qa "serving on" "$W/inner.console" 2> /dev/null && break
-        [ $((i % 20)) = 0 ] && step "  the domain's guest is booting ($((SECONDS - t0)) s)"
+        [ $((i % 10)) = 0 ] && step "  the domain's guest is booting ($((SECONDS - t0)) s)"
         sleep 0.5
     done
     grep -qa "serving on" "$W/inner.console" && check agent-up ok "$((SECONDS - t0)) s" ||
