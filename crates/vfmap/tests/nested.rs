@@ -102,7 +102,7 @@ fn run_nested(mode: &str, agent_image: &str, extra: &[&str], required: &[&str]) 
             .arg(cache.join("nested.cpio.gz"))
             .arg(mode)
             // The time limit of the outer guest: the libvirt scenario boots its domain twice.
-            .arg(if mode == "nested" { "900" } else { "1500" }),
+            .arg(if mode == "nested" { "900" } else { "2400" }),
     );
     let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
     let log = cache.join(format!("{mode}.console.log"));
