@@ -16,13 +16,16 @@ mkdir -p /run/vfmap
     echo "VFMAP-AGENT-EXIT $rc"
 ) &
 # Benchmark baseline (vfmap.baseline=1): the bare minimum by hand, with no vfmap involved. A
-# shell binds pci-stub to whatever appears behind root port 03.3, with driver_override +
-# drivers_probe, polling like the agent does.
+# shell binds pci-stub to whatever appears behind root port 03.3 (or vfmap.baseline_port=),
+# with driver_override + drivers_probe, polling like the agent does.
 if grep -q "vfmap.baseline=1" /proc/cmdline; then
+    # The root port watched: vfmap.baseline_port= (the libvirt domain's differ), else 03.3.
+    port=$(sed -n 's/.*vfmap\.baseline_port=\([0-9a-f:.]*\).*/\1/p' /proc/cmdline)
+    port=${port:-0000:00:03.3}
     modprobe pci-stub
     (
         while true; do
-            for d in /sys/devices/pci0000:00/0000:00:03.3/0000:0*; do
+            for d in /sys/devices/pci0000:00/$port/0000:0*; do
                 [ -e "$d/vendor" ] && [ ! -e "$d/driver" ] || continue
                 # The device may go away under us: then look again.
                 echo pci-stub 2> /dev/null > "$d/driver_override" || continue
