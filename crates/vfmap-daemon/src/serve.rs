@@ -224,7 +224,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
     let profiles = load_profiles(&config.profiles)?;
-    let sysfs = Sysfs::new(&config.sysfs_root).with_threads(1);
+    // Discovery is most of the start on a big host: spread it over up to 4 cores. Their
+    // allocator arenas keep ~9 MiB after the scan (65,536 VFs: peak 55 MiB, steady 41 MiB,
+    // against 46 and 32 single-threaded, and half the time to serving on 2 cores).
+    let sysfs = Sysfs::new(&config.sysfs_root).with_threads(4);
     let settle = Duration::from_millis(config.settle_ms);
     let report = vfmap_sysfs::prepare(
         &sysfs,

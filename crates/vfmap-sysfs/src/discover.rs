@@ -32,8 +32,9 @@ impl Sysfs {
         }
     }
 
-    /// Caps discovery's threads (default: one per core). A long-running daemon uses 1: per-thread
-    /// allocator arenas would keep memory long after a parallel scan.
+    /// Caps discovery's threads (default and upper bound: one per core, at most 8). Each
+    /// thread's allocator arena keeps some memory after the scan, so a long-running daemon
+    /// uses a few.
     pub fn with_threads(mut self, threads: usize) -> Sysfs {
         self.threads = Some(threads.max(1));
         self
@@ -239,8 +240,9 @@ fn parallel_map<T: Sync, R: Send>(
     max_threads: Option<usize>,
     f: impl Fn(&T, &mut Vec<Problem>) -> R + Sync,
 ) -> Vec<(R, Vec<Problem>)> {
-    let threads = max_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(max_threads.unwrap_or(usize::MAX))
         .min(items.len().div_ceil(per_thread.max(1)))
         .min(8);
     let next = AtomicUsize::new(0);
