@@ -200,6 +200,7 @@ pub async fn run<P: VfPool>(
         }
     }
     let mut kubelet: Option<SocketId> = None;
+    let mut last_listed = BTreeMap::new();
     let mut reconcile = tokio::time::interval(config.reconcile_every);
     loop {
         // Wait for the kubelet's socket.
@@ -247,7 +248,7 @@ pub async fn run<P: VfPool>(
             tokio::select! {
                 () = tokio::time::sleep(config.poll) => {}
                 _ = reconcile.tick() => {
-                    reconcile_once(pool.as_ref(), &config, id.ctime_ms).await;
+                    reconcile_once(pool.as_ref(), &config, id.ctime_ms, &mut last_listed).await;
                 }
                 _ = shutdown.changed() => {}
             }
@@ -279,7 +280,13 @@ pub async fn run<P: VfPool>(
 
 /// One reconciliation: list PodResources, decide, carry the decisions out through the pool.
 /// A failed list decides nothing.
-pub async fn reconcile_once<P: VfPool>(pool: &P, config: &Config, kubelet_since_ms: u64) {
+/// `last_listed` is updated with the devices this `List` names.
+pub async fn reconcile_once<P: VfPool>(
+    pool: &P,
+    config: &Config,
+    kubelet_since_ms: u64,
+    last_listed: &mut BTreeMap<vfmap_core::Bdf, u64>,
+) {
     let response = match list_pod_resources(&config.pod_resources_socket).await {
         Ok(r) => r,
         Err(e) => {
@@ -293,12 +300,13 @@ pub async fn reconcile_once<P: VfPool>(pool: &P, config: &Config, kubelet_since_
         kubelet_since_ms,
         grace_ms: u64::try_from(config.grace.as_millis()).unwrap_or(u64::MAX),
     };
-    for decision in decide(
-        &view,
-        &config.prefix,
-        &listed(&response, &config.prefix),
-        timing,
-    ) {
+    let listed = listed(&response, &config.prefix);
+    for id in listed.devices.keys() {
+        if let Ok(location) = id.parse() {
+            last_listed.insert(location, timing.now_ms);
+        }
+    }
+    for decision in decide(&view, &config.prefix, &listed, last_listed, timing) {
         let result = match &decision {
             Decision::Identify { location, owner } => pool.identify(*location, owner).await,
             Decision::Adopt { location, owner } => pool.adopt(*location, owner).await,

@@ -52,9 +52,11 @@ pub struct Timing {
     /// When the kubelet's socket was (re)created: a kubelet that just started may not list
     /// its pods yet.
     pub kubelet_since_ms: u64,
-    /// How long a VF may stay unlisted, counted from the later of its allocation and the
-    /// kubelet's start, before it is released. Covers the gap between Allocate and the
-    /// kubelet recording the container.
+    /// How long a VF may stay unlisted, counted from the latest of its allocation, the
+    /// kubelet's start and the last `List` that named it, before it is released. Covers the
+    /// gap between Allocate and the kubelet recording the container, and a container still
+    /// stopping after its pod left the kubelet's list (a static pod whose manifest is removed
+    /// is dropped from PodResources at once, while its containers get their grace period).
     pub grace_ms: u64,
 }
 
@@ -101,7 +103,16 @@ pub enum Decision {
 /// device vfmap does not have as the kubelet's, adopt it if free, else report a conflict.
 /// Listed VFs whose owner is already recorded need nothing. Never call this with an empty
 /// `Listed` standing in for a failed `List`: that would release every VF.
-pub fn decide(view: &[VfView], prefix: &str, listed: &Listed, timing: Timing) -> Vec<Decision> {
+///
+/// `last_listed` has, per VF, when a `List` last named it (kept by the caller in memory; a
+/// restarted plugin starts empty, and the kubelet's start time covers it).
+pub fn decide(
+    view: &[VfView],
+    prefix: &str,
+    listed: &Listed,
+    last_listed: &BTreeMap<Bdf, u64>,
+    timing: Timing,
+) -> Vec<Decision> {
     let mut decisions = Vec::new();
     let mut known = std::collections::BTreeSet::new();
     for vf in view {
@@ -129,7 +140,8 @@ pub fn decide(view: &[VfView], prefix: &str, listed: &Listed, timing: Timing) ->
                 },
                 None,
             ) => {
-                let since = (*allocated_at_ms).max(timing.kubelet_since_ms);
+                let seen = last_listed.get(&vf.location).copied().unwrap_or(0);
+                let since = (*allocated_at_ms).max(timing.kubelet_since_ms).max(seen);
                 if timing.now_ms.saturating_sub(since) >= timing.grace_ms {
                     decisions.push(Decision::Release {
                         location: vf.location,
@@ -210,6 +222,24 @@ mod tests {
         }
     }
 
+    fn none() -> BTreeMap<Bdf, u64> {
+        BTreeMap::new()
+    }
+
+    #[test]
+    fn a_vf_listed_lately_waits_its_grace_period_again() {
+        // Listed 10 s ago, gone now: its container may still be stopping.
+        let seen: BTreeMap<Bdf, u64> = [("0000:01:00.1".parse().unwrap(), 90_000)].into();
+        let d = decide(&view(), "vfmap.io", &Listed::default(), &seen, T);
+        assert_eq!(
+            d,
+            [Decision::Release {
+                location: "0000:01:00.2".parse().unwrap(),
+                owner: Some(owner("a")),
+            }]
+        );
+    }
+
     const T: Timing = Timing {
         now_ms: 100_000,
         kubelet_since_ms: 10_000,
@@ -253,14 +283,14 @@ mod tests {
         );
         // Listed: identified (owner unknown) and kept (owner known).
         assert_eq!(
-            decide(&view(), "vfmap.io", &l, T),
+            decide(&view(), "vfmap.io", &l, &none(), T),
             [Decision::Identify {
                 location: "0000:01:00.1".parse().unwrap(),
                 owner: owner("a"),
             }]
         );
         // The pod is gone: both released.
-        let d = decide(&view(), "vfmap.io", &Listed::default(), T);
+        let d = decide(&view(), "vfmap.io", &Listed::default(), &none(), T);
         assert_eq!(
             d,
             [
@@ -280,21 +310,21 @@ mod tests {
     fn waits_a_grace_period_after_allocation_and_after_a_kubelet_restart() {
         let mut v = view();
         v[0].holder = held(None, 80_000);
-        let d = decide(&v, "vfmap.io", &Listed::default(), T);
+        let d = decide(&v, "vfmap.io", &Listed::default(), &none(), T);
         assert_eq!(d.len(), 1, "only the old allocation: {d:?}");
         // A kubelet started 10 s ago may not list its pods yet: nothing is released.
         let fresh = Timing {
             kubelet_since_ms: 90_000,
             ..T
         };
-        assert!(decide(&view(), "vfmap.io", &Listed::default(), fresh).is_empty());
+        assert!(decide(&view(), "vfmap.io", &Listed::default(), &none(), fresh).is_empty());
         // Exactly at the grace period it goes.
         let edge = Timing {
             now_ms: 50_000,
             ..T
         };
         assert_eq!(
-            decide(&view(), "vfmap.io", &Listed::default(), edge).len(),
+            decide(&view(), "vfmap.io", &Listed::default(), &none(), edge).len(),
             2
         );
     }
@@ -313,7 +343,7 @@ mod tests {
             ]),
             "vfmap.io",
         );
-        let d = decide(&v, "vfmap.io", &l, T);
+        let d = decide(&v, "vfmap.io", &l, &none(), T);
         assert!(d.contains(&Decision::Adopt {
             location: "0000:01:00.3".parse().unwrap(),
             owner: owner("a"),
