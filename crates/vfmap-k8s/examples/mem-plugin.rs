@@ -19,6 +19,7 @@ use vfmap_k8s::pool::VfPool;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let mut specs = Vec::new();
     for arg in std::env::args().skip(1) {
