@@ -88,64 +88,50 @@ impl Sysfs {
         }
         names.sort();
 
-        // Phase 1, in name order: which entries are SR-IOV PFs, and their VFs from the
-        // `virtfnN` links. A VF's routing ID is its PF's plus a positive offset, so its name
-        // sorts after its PF's and it needs no probe of its own (the probe is most of the
-        // lookups on a host full of VFs). A VF seen first is probed: slower, still right.
+        // Phase 1, in name order: which entries are SR-IOV PFs. A VF's routing ID is its PF's
+        // plus a positive offset, so its name sorts after its PF's, and the PF's
+        // `sriov_offset`/`sriov_stride`/`sriov_numvfs` say where it is: such names are not
+        // probed (the probe is most of the lookups on a host full of VFs). That is only a
+        // hint: the `virtfnN` links, read in phase 2, say what the VFs are, and a skipped name
+        // that no link names is probed after all.
         let mut problems = Vec::new();
-        let mut pfs_found = Vec::new();
-        let mut known_vfs = HashSet::new();
+        let mut found = Vec::new();
+        let mut expected_vfs = HashSet::new();
+        let mut skipped = Vec::new();
         for name in &names {
             let name = name.to_string_lossy();
             if let Ok(location) = name.parse::<Bdf>()
-                && known_vfs.remove(&location)
+                && expected_vfs.contains(&location)
             {
+                skipped.push(location);
                 continue;
             }
-            let Some((location, total_vfs)) = probe_pf(&devices_fd, &name, &mut problems) else {
-                continue;
-            };
-            let dir = match open_dir(&devices_fd, name.as_ref()) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    problems.push(io_problem(
-                        &name,
-                        ".",
-                        "cannot open the device directory",
-                        e,
-                    ));
-                    continue;
-                }
-            };
-            let mut pf_problems = Vec::new();
-            let vfs = read_vf_links(&dir, &name, &mut pf_problems);
-            known_vfs.extend(vfs.iter().map(|&(_, vf)| vf));
-            pfs_found.push((
-                FoundPf {
-                    location,
-                    total_vfs,
-                    dir,
-                    vfs,
-                },
-                pf_problems,
-            ));
+            if let Some(pf) = find_pf(&devices_fd, &name, &mut problems) {
+                expected_vfs.extend(pf.expected_vfs());
+                found.push(pf);
+            }
         }
 
-        // Phase 2: each PF's and VFs' attributes, one PF at a time per thread.
-        let pfs = parallel_map(&pfs_found, 1, self.threads, |(found, _), problems| {
-            let name = found.location.to_string();
-            read_pf(
-                &devices_fd,
-                found,
-                DeviceReader::new(&found.dir, &name, problems),
-            )
-        });
+        // Phase 2: each PF's VF links and everyone's attributes, one PF at a time per thread.
+        let mut pfs = read_pfs(&devices_fd, &found, self.threads);
+        let named: HashSet<Bdf> = pfs
+            .iter()
+            .flat_map(|(pf, _)| pf.vfs.iter().map(|vf| vf.location))
+            .collect();
+        let late: Vec<FoundPf> = skipped
+            .into_iter()
+            .filter(|location| !named.contains(location))
+            .filter_map(|location| find_pf(&devices_fd, &location.text(), &mut problems))
+            .collect();
+        if !late.is_empty() {
+            pfs.extend(read_pfs(&devices_fd, &late, self.threads));
+            pfs.sort_by_key(|(pf, _)| pf.location);
+        }
         let mut facts = HostFacts {
             pfs: Vec::with_capacity(pfs.len()),
             problems,
         };
-        for ((pf, mut pf_problems), (_, mut link_problems)) in pfs.into_iter().zip(pfs_found) {
-            facts.problems.append(&mut link_problems);
+        for (pf, mut pf_problems) in pfs {
             facts.problems.append(&mut pf_problems);
             facts.pfs.push(pf);
         }
@@ -153,12 +139,72 @@ impl Sysfs {
     }
 }
 
-/// A PF found by phase 1: its open directory and its VFs (index, location) in index order.
+/// Reads each PF (its VF links, then its and its VFs' attributes), spread over the cores.
+fn read_pfs(
+    devices: &OwnedFd,
+    found: &[FoundPf],
+    threads: Option<usize>,
+) -> Vec<(PfFacts, Vec<Problem>)> {
+    parallel_map(found, 1, threads, |pf, problems| {
+        let name = pf.location.text();
+        let vfs = read_vf_links(&pf.dir, &name, problems);
+        read_pf(
+            devices,
+            pf,
+            &vfs,
+            DeviceReader::new(&pf.dir, &name, problems),
+        )
+    })
+}
+
+/// A PF found by phase 1, with its open directory and where its enabled VFs should be.
 struct FoundPf {
     location: Bdf,
     total_vfs: u16,
     dir: OwnedFd,
-    vfs: Vec<(u16, Bdf)>,
+    /// `sriov_offset`, `sriov_stride` and `sriov_numvfs`, when all three read well.
+    layout: Option<(u16, u16, u16)>,
+}
+
+impl FoundPf {
+    /// Where the kernel puts the enabled VFs (empty without the layout).
+    fn expected_vfs(&self) -> impl Iterator<Item = Bdf> + '_ {
+        self.layout
+            .into_iter()
+            .flat_map(move |(offset, stride, count)| {
+                (0..count).filter_map(move |index| self.location.vf_location(offset, stride, index))
+            })
+    }
+}
+
+/// Device `name` when it is an SR-IOV PF, with its directory open; problems otherwise only
+/// when something about it is odd.
+fn find_pf(devices: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Option<FoundPf> {
+    let (location, total_vfs) = probe_pf(devices, name, problems)?;
+    let dir = match open_dir(devices, name) {
+        Ok(dir) => dir,
+        Err(e) => {
+            problems.push(io_problem(name, ".", "cannot open the device directory", e));
+            return None;
+        }
+    };
+    // Only a hint (see `discover`): anything odd here is reported by the reads that count.
+    let number = |attribute: &str| {
+        read_attr_at(dir.as_fd(), attribute, |text| text.parse::<u16>().ok())
+            .ok()
+            .flatten()
+            .flatten()
+    };
+    let layout = number("sriov_offset")
+        .zip(number("sriov_stride"))
+        .zip(number("sriov_numvfs"))
+        .map(|((offset, stride), count)| (offset, stride, count));
+    Some(FoundPf {
+        location,
+        total_vfs,
+        dir,
+        layout,
+    })
 }
 
 /// `Some((location, sriov_totalvfs))` when device `name` is an SR-IOV PF: one failed open for
@@ -274,7 +320,12 @@ fn parallel_map<T: Sync, R: Send>(
     all.into_iter().map(|(_, r, p)| (r, p)).collect()
 }
 
-fn read_pf(devices: &OwnedFd, found: &FoundPf, mut reader: DeviceReader<'_>) -> PfFacts {
+fn read_pf(
+    devices: &OwnedFd,
+    found: &FoundPf,
+    vf_links: &[(u16, Bdf)],
+    mut reader: DeviceReader<'_>,
+) -> PfFacts {
     let vendor = reader.attr::<PciId>("vendor");
     let device = reader.attr::<PciId>("device");
     let numa_node = reader.numa_node();
@@ -284,9 +335,9 @@ fn read_pf(devices: &OwnedFd, found: &FoundPf, mut reader: DeviceReader<'_>) -> 
     let mut vf_device = reader.optional_attr::<PciId>("sriov_vf_device");
     let drivers_autoprobe = reader.attr::<u8>("sriov_drivers_autoprobe").map(|v| v != 0);
 
-    let mut vfs = Vec::with_capacity(found.vfs.len());
+    let mut vfs = Vec::with_capacity(vf_links.len());
     let mut own_ids: Vec<(PciId, Bdf)> = Vec::new();
-    for &(index, vf_location) in &found.vfs {
+    for &(index, vf_location) in vf_links {
         let name = vf_location.text();
         let vf_dir = match open_path_dir(devices, &*name) {
             Ok(fd) => fd,

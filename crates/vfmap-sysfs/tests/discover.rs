@@ -369,3 +369,42 @@ fn a_kernel_without_numa_reports_numa_node_per_device_but_lists_everything() {
             .exists()
     );
 }
+
+/// Discovery skips probing the names a PF's `sriov_offset`/`sriov_stride`/`sriov_numvfs` say
+/// are its VFs, but that is only a hint: a PF whose layout lies (here A says its VFs start at
+/// 3, where PF B is) still leaves B found, with both PFs' VFs from their `virtfnN` links.
+#[test]
+fn a_pf_at_a_place_another_pfs_layout_claims_is_still_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:10:00.0", 2).with_vfs(2)); // VFs 10:00.1, 10:00.2
+    tree.add_pf(&PfSpec::nvme("0000:10:00.3", 2).with_vfs(2)); // VFs 10:00.4, 10:00.5
+    fs::write(
+        tree.device_link(bdf("0000:10:00.0")).join("sriov_offset"),
+        "3\n",
+    )
+    .unwrap();
+    let facts = Sysfs::new(dir.path()).discover().unwrap();
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    let found: Vec<(String, Vec<String>)> = facts
+        .pfs
+        .iter()
+        .map(|pf| {
+            let vfs = pf.vfs.iter().map(|v| v.location.to_string()).collect();
+            (pf.location.to_string(), vfs)
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "0000:10:00.0".into(),
+                vec!["0000:10:00.1".into(), "0000:10:00.2".into()]
+            ),
+            (
+                "0000:10:00.3".into(),
+                vec!["0000:10:00.4".into(), "0000:10:00.5".into()]
+            ),
+        ]
+    );
+}
