@@ -1,8 +1,9 @@
 //! Shared plumbing for validated name types.
 
 /// The trait impls every validated name type shares: `as_str`, `Display`, `FromStr` (for
-/// command-line parsers), and the `String` conversions serde uses (`try_from = "String"`,
-/// `into = "String"`), all through `new`.
+/// command-line parsers), the `String` conversions (serde reads through
+/// `try_from = "String"`, so through `new`), and `Serialize` as a plain string: serde's
+/// `into = "String"` would allocate a copy per name written, and inventories write one per VF.
 macro_rules! validated_name {
     ($name:ident) => {
         impl $name {
@@ -29,6 +30,12 @@ macro_rules! validated_name {
         impl From<$name> for String {
             fn from(name: $name) -> String {
                 name.0.to_string()
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
 

@@ -20,8 +20,8 @@ use crate::index::{GlobalIndex, LocalIndex};
 use crate::profile::{DriverName, FunctionName};
 
 /// A VM's name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct VmName(String);
 
 impl VmName {
@@ -56,8 +56,8 @@ impl std::borrow::Borrow<str> for VmName {
 
 /// A hot-plug slot's id in the hypervisor (for QEMU, the id of an empty `pcie-root-port`):
 /// QEMU's id rule, a letter then letters, digits, `.`, `_`, `-`, at most 64 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct SlotId(String);
 
 impl SlotId {

@@ -39,16 +39,9 @@ pub enum ProfileError {
 
 /// A validated name made for paths and protocols: `[a-z0-9][a-z0-9._-]*`, at most 64 bytes.
 /// Shared (`Arc<str>`): a host has tens of thousands of VFs and a handful of functions.
-// Serialized by hand as a plain string: `into = "String"` would allocate a copy per VF.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct FunctionName(Arc<str>);
-
-impl Serialize for FunctionName {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
 
 impl FunctionName {
     /// Checks `text`; the error explains the rule.
@@ -77,16 +70,9 @@ crate::names::validated_name!(FunctionName);
 
 /// A kernel driver/module name that is safe to pass to `modprobe` and to join into a sysfs path:
 /// ASCII letters, digits, `_` and `-`, at most 55 bytes (the kernel's `MODULE_NAME_LEN` less one).
-// Serialized by hand as a plain string: `into = "String"` would allocate a copy per VF.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct DriverName(Arc<str>);
-
-impl Serialize for DriverName {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
 
 impl DriverName {
     /// Checks `text`; the error explains the rule.
