@@ -145,7 +145,7 @@ fn read_pfs(
     found: &[FoundPf],
     threads: Option<usize>,
 ) -> Vec<(PfFacts, Vec<Problem>)> {
-    parallel_map(found, 1, threads, |pf, problems| {
+    parallel_map(found, threads, |pf, problems| {
         let name = pf.location.text();
         let vfs = read_vf_links(&pf.dir, &name, problems);
         read_pf(
@@ -277,19 +277,18 @@ fn read_vf_links(pf_dir: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> V
     vfs
 }
 
-/// Maps `f` over `items` on up to as many threads as there are cores (at most one thread per
-/// `per_thread` items), handing out items one at a time (PFs differ a lot in VF count).
+/// Maps `f` over `items` on up to as many threads as there are cores (and items), handing out
+/// items one at a time (PFs differ a lot in VF count).
 /// Results come back in `items` order, each with the problems its call recorded.
 fn parallel_map<T: Sync, R: Send>(
     items: &[T],
-    per_thread: usize,
     max_threads: Option<usize>,
     f: impl Fn(&T, &mut Vec<Problem>) -> R + Sync,
 ) -> Vec<(R, Vec<Problem>)> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(max_threads.unwrap_or(usize::MAX))
-        .min(items.len().div_ceil(per_thread.max(1)))
+        .min(items.len())
         .min(8);
     let next = AtomicUsize::new(0);
     let work = || {
