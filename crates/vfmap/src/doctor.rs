@@ -3,7 +3,6 @@
 
 mod daemon;
 
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use serde::Serialize;
 use vfmap_sysfs::Sysfs;
 use vfmap_sysfs::doctor::{Check, ModulesDir, Status, assess, probe, profile_modules};
 
-use crate::{Failure, exit, load_profiles, print_json};
+use crate::{Failure, exit, load_profiles, print_json, print_text};
 
 /// `vfmap doctor` options.
 #[derive(Debug, clap::Args)]
@@ -127,11 +126,7 @@ pub fn run(args: &DoctorArgs, socket: Option<&Path>, json: bool) -> Result<(), F
             .collect();
         print_json(&Doc { ready, checks })?;
     } else {
-        io::stdout()
-            .lock()
-            .write_all(render(&checks).as_bytes())
-            .and_then(|()| io::stdout().lock().flush())
-            .map_err(|e| Failure::new(exit::FAILED, "output", e))?;
+        print_text(&render(&checks))?;
     }
     if ready {
         return Ok(());

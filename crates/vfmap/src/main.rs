@@ -249,9 +249,9 @@ fn discover(root: &Path) -> Result<vfmap_core::HostFacts, Failure> {
 
 /// Writes `text` to stdout; a failed write is a failure (a closed pipe a quiet one), not a panic.
 pub(crate) fn print_text(text: &str) -> Result<(), Failure> {
-    io::stdout()
-        .lock()
-        .write_all(text.as_bytes())
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
         .map_err(|e| Failure::new(exit::FAILED, "output", e))
 }
 
