@@ -277,6 +277,29 @@ pub struct Vm {
 pub struct VmList {
     /// Every VM.
     pub vms: Vec<Vm>,
+    /// VFs the kubelet holds for Kubernetes containers (vfmap's device plugin), beside the
+    /// VMs; absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubelet: Vec<KubeletVf>,
+}
+
+/// A VF the kubelet holds, with its container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KubeletVf {
+    /// Stable global index.
+    pub global_index: GlobalIndex,
+    /// Host location (the device plugin's device id).
+    pub location: Bdf,
+    /// Its function (the resource `<prefix>/<function>`).
+    pub function: FunctionName,
+    /// The container holding it, once the kubelet's PodResources named it.
+    #[schema(required)]
+    pub owner: Option<vfmap_core::PodContainer>,
+    /// When the device plugin's Allocate recorded it, milliseconds since the Unix epoch.
+    pub allocated_at_ms: u64,
+    /// `held`, or `releasing` (reset, host driver, free).
+    pub state: vfmap_core::HoldState,
 }
 
 /// `DELETE /v1/vms/{name}`: the VM was released and forgotten.
@@ -365,6 +388,23 @@ pub struct InventoryVf {
     /// Assignment state, if assigned.
     #[schema(required)]
     pub state: Option<AssignState>,
+    /// Set when the kubelet holds the VF (a Kubernetes container, through vfmap's device
+    /// plugin) instead of a VM; `vm`, `local_index` and `state` are then `null`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet: Option<KubeletHolding>,
+}
+
+/// A VF the kubelet holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KubeletHolding {
+    /// The container holding it, once the kubelet's PodResources named it.
+    #[schema(required)]
+    pub owner: Option<vfmap_core::PodContainer>,
+    /// When the device plugin's Allocate recorded it, milliseconds since the Unix epoch.
+    pub allocated_at_ms: u64,
+    /// `held`, or `releasing` (reset, host driver, free).
+    pub state: vfmap_core::HoldState,
 }
 
 /// `GET /v1/inventory`: functions with counts, and every VF with its allocation.

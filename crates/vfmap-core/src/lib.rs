@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod facts;
 pub mod index;
+pub mod kubelet;
 pub mod lines;
 mod names;
 #[cfg(feature = "openapi")]
@@ -21,6 +22,7 @@ pub mod whole;
 pub use addr::{AddrError, AddrText, Bdf, PciId};
 pub use facts::{HostFacts, PfFacts, Problem, VfFacts};
 pub use index::{GlobalIndex, LocalIndex};
+pub use kubelet::{HoldState, HolderRef, KubeletHold, PodContainer};
 pub use plan::{PlanError, Step, plan_binds, plan_sriov};
 pub use pool::{
     AssignState, Assignment, Change, Pool, PoolError, PoolVf, Recovery, Request, SlotId, VmBackend,

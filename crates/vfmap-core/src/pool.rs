@@ -9,7 +9,9 @@
 //! - a VF is in at most one assignment (assignments are keyed by global index);
 //! - a (VM, local index) pair is in at most one assignment, and the local index is a slot the
 //!   VM has;
-//! - every assignment's VM exists and its VF carries the assignment's function.
+//! - every assignment's VM exists and its VF carries the assignment's function;
+//! - a VF the kubelet holds ([`crate::kubelet`]) is in no VM's assignment, and the other way
+//!   round: VMs and the kubelet take VFs from the one pool, each VF from one of them at most.
 
 use std::collections::BTreeMap;
 
@@ -411,6 +413,14 @@ pub enum PoolError {
         /// Requested state.
         to: &'static str,
     },
+    /// The VF is held by another holder (a VM, or the kubelet).
+    #[error("VF {vf} is held by {by}")]
+    Taken {
+        /// The VF.
+        vf: Bdf,
+        /// Who holds it, described.
+        by: String,
+    },
     /// No assignment for that VF.
     #[error("VF {0} is not assigned")]
     NotAssigned(GlobalIndex),
@@ -444,6 +454,25 @@ pub enum Change {
         /// At which local index.
         local_index: LocalIndex,
     },
+    /// New holds of the kubelet (Allocate, or an adoption), `held`.
+    KubeletReserve(Vec<crate::kubelet::KubeletHold>),
+    /// The container holding a kubelet-held VF is known now (PodResources listed it).
+    KubeletOwner {
+        /// The VF.
+        global_index: GlobalIndex,
+        /// The container.
+        owner: crate::kubelet::PodContainer,
+    },
+    /// A kubelet-held VF starts its release (reset, host driver, free).
+    KubeletReleasing {
+        /// The VF.
+        global_index: GlobalIndex,
+    },
+    /// The kubelet's hold is gone; the VF is free.
+    KubeletFree {
+        /// The VF.
+        global_index: GlobalIndex,
+    },
 }
 
 /// VMs, VFs and assignments.
@@ -453,6 +482,8 @@ pub struct Pool {
     vms: BTreeMap<VmName, VmSpec>,
     assignments: BTreeMap<GlobalIndex, Assignment>,
     by_slot: BTreeMap<(VmName, LocalIndex), GlobalIndex>,
+    /// The kubelet's holds (`crate::kubelet`); never a key of `assignments` too.
+    pub(crate) kubelet: BTreeMap<GlobalIndex, crate::kubelet::KubeletHold>,
 }
 
 impl Pool {
@@ -521,9 +552,10 @@ impl Pool {
             .count()
     }
 
-    fn is_free_for(&self, vf: &PoolVf, function: &str) -> bool {
+    pub(crate) fn is_free_for(&self, vf: &PoolVf, function: &str) -> bool {
         vf.function.as_ref().is_some_and(|f| f.as_str() == function)
             && !self.assignments.contains_key(&vf.global_index)
+            && !self.kubelet.contains_key(&vf.global_index)
     }
 
     /// Validates a VM registration.
@@ -823,6 +855,10 @@ impl Pool {
                     self.by_slot.remove(&(a.vm, a.local_index));
                 }
             }
+            Change::KubeletReserve(_)
+            | Change::KubeletOwner { .. }
+            | Change::KubeletReleasing { .. }
+            | Change::KubeletFree { .. } => self.apply_kubelet(change),
         }
     }
 
@@ -849,6 +885,7 @@ impl Pool {
                     a.location, a.global_index
                 ))
             } else if self.assignments.contains_key(&a.global_index)
+                || self.kubelet.contains_key(&a.global_index)
                 || self.by_slot.contains_key(&(a.vm.clone(), a.local_index))
             {
                 Some("its VF or local index is taken twice".to_owned())
@@ -903,7 +940,7 @@ impl Pool {
         if slots_seen != self.by_slot {
             return Err("the slot index disagrees with the assignments".into());
         }
-        Ok(())
+        self.check_kubelet_invariants()
     }
 }
 

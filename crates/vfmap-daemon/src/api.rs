@@ -85,7 +85,9 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             PoolError::Busy { .. } => ErrorCode::Busy,
             PoolError::VmHoldsVfs { .. } => ErrorCode::VmHoldsVfs,
             PoolError::InvalidVm(_) | PoolError::InvalidRequest(_) => ErrorCode::BadRequest,
-            PoolError::BadTransition { .. } | PoolError::NotAssigned(_) => ErrorCode::Conflict,
+            PoolError::BadTransition { .. }
+            | PoolError::NotAssigned(_)
+            | PoolError::Taken { .. } => ErrorCode::Conflict,
         },
         // The step that failed first decides; the message lists every VF.
         EngineError::AttachFailed { failures, .. } => failures
@@ -282,6 +284,7 @@ async fn inventory(State(engine): Shared) -> Response {
 async fn list_vms(State(engine): Shared) -> Json<VmList> {
     Json(VmList {
         vms: engine.vm_views(),
+        kubelet: engine.kubelet_views(),
     })
 }
 

@@ -238,6 +238,11 @@ pub trait HostVfs: Send + Sync {
     fn bind(&self, vf: Bdf, driver: &DriverName) -> Result<(), HostError>;
     /// Resets the VF so the next VM gets it clean; `Ok(false)` when it has no reset method.
     fn reset(&self, vf: Bdf) -> Result<bool, HostError>;
+    /// The VF's IOMMU group (what a container opens as `/dev/vfio/<group>`); `None` when the
+    /// host has none for it (no IOMMU) or cannot tell.
+    fn iommu_group(&self, _vf: Bdf) -> Option<u32> {
+        None
+    }
 }
 
 /// The real host: the sysfs tree the daemon was configured with.
@@ -269,6 +274,16 @@ impl HostVfs for SysfsHost {
     fn reset(&self, vf: Bdf) -> Result<bool, HostError> {
         vfmap_sysfs::reset_function(&self.sysfs, &vfmap_sysfs::FileWriter, vf)
             .map_err(|source| HostError::Reset { vf, source })
+    }
+
+    fn iommu_group(&self, vf: Bdf) -> Option<u32> {
+        let link = self
+            .sysfs
+            .root()
+            .join("bus/pci/devices")
+            .join(vf.to_string())
+            .join("iommu_group");
+        std::fs::read_link(link).ok()?.file_name()?.to_str()?.parse().ok()
     }
 }
 

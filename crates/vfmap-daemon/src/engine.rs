@@ -33,9 +33,11 @@ use crate::effects::{
 };
 use crate::metrics::{Metrics, Outcome, Recovered, VfCounts};
 use cleanup::Cleanup;
+pub use kubelet::{FunctionVf, VfHolder};
 
 mod attach;
 mod cleanup;
+mod kubelet;
 mod recovery;
 mod release;
 mod views;
@@ -259,6 +261,8 @@ pub struct Engine {
     functions: Vec<FunctionSummary>,
     degraded: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Bumped after every change is applied in memory: who holds what may have changed.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The device id of a VF in the hypervisor: derived from its stable global index.
@@ -309,6 +313,7 @@ impl Engine {
             .zip(details)
             .collect();
         let rejected = pool.restore(loaded.vms, assignments);
+        let rejected_holds = pool.restore_kubelet(loaded.kubelet);
         for backend in adapters.hypervisor.backends() {
             metrics.add_backend(backend);
         }
@@ -327,6 +332,7 @@ impl Engine {
             functions: tables.functions,
             degraded: AtomicBool::new(false),
             metrics,
+            changes: tokio::sync::watch::Sender::new(0),
         };
         for (a, why) in rejected {
             warn!(vf = %a.global_index, vm = %a.vm, why = %why, "dropping a stored assignment");
@@ -339,7 +345,22 @@ impl Engine {
                 })])
                 .await?;
         }
+        for (h, why) in rejected_holds {
+            warn!(vf = %h.location, why = %why, "dropping a stored kubelet hold");
+            engine
+                .store
+                .write(vec![Mutation::Pool(Change::KubeletFree {
+                    global_index: h.global_index,
+                })])
+                .await?;
+        }
         Ok(engine)
+    }
+
+    /// A counter bumped after each change of the engine's state (holders, states): a cue to
+    /// read the views again.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -375,6 +396,7 @@ impl Engine {
             for m in &mutations {
                 state.apply(m);
             }
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
             let receiver = self.store.submit(mutations.clone());
             (mutations, receiver)
         };

@@ -6,12 +6,14 @@
 //! - [`effects`]: the side-effect traits, with [`qmp`] (QEMU), [`channel`] (guest agent) and
 //!   the sysfs host as the real implementations;
 //! - [`api`]: HTTP/JSON on a unix socket; [`serve`]: start-up and configuration;
+//! - [`k8s`]: the Kubernetes device plugin over the engine (`[kubernetes]` in the config);
 //! - [`metrics`]: the Prometheus registry the engine, channel and store update.
 
 pub mod api;
 pub mod channel;
 pub mod effects;
 pub mod engine;
+pub mod k8s;
 pub mod libvirt;
 pub mod lines;
 pub mod metrics;

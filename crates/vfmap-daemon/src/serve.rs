@@ -63,6 +63,9 @@ pub struct Config {
     /// authentication).
     #[serde(default)]
     pub metrics_listen_any: bool,
+    /// The Kubernetes device plugin (`[kubernetes]`); off when absent.
+    #[serde(default)]
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 fn default_sysfs_root() -> PathBuf {
@@ -196,6 +199,9 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
         }
         _ => {}
     }
+    if let Some(kubernetes) = &config.kubernetes {
+        kubernetes.check()?;
+    }
     Ok(config)
 }
 
@@ -327,6 +333,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             }
         }
     });
+
+    if let Some(kubernetes) = &config.kubernetes {
+        crate::k8s::start(&engine, kubernetes);
+    }
 
     let (listener, socket) = bind_socket(&config.socket)?;
     listener

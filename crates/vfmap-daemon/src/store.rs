@@ -14,8 +14,8 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use vfmap_core::protocol::GuestPath;
 use vfmap_core::{
-    AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, LocalIndex,
-    VmName, VmSpec,
+    AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, HoldState,
+    KubeletHold, LocalIndex, PodContainer, VmName, VmSpec,
 };
 
 use crate::metrics::Metrics;
@@ -90,6 +90,8 @@ pub struct Loaded {
     pub vms: Vec<VmSpec>,
     /// Assignments (with their details).
     pub assignments: Vec<(Assignment, Detail)>,
+    /// The kubelet's holds.
+    pub kubelet: Vec<KubeletHold>,
     /// Recent failures, oldest first.
     pub failures: Vec<Failure>,
 }
@@ -111,17 +113,24 @@ CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL
 );
+-- One row per held VF: a VM's assignment (consumer 'vm': vm and local_index set) or the
+-- kubelet's hold (consumer 'kubelet': owner, a JSON container reference once known, and
+-- allocated_at, milliseconds since the epoch). Schema version 2.
 CREATE TABLE IF NOT EXISTS assignments (
     global_index INTEGER PRIMARY KEY REFERENCES vfs(global_index),
     location     TEXT NOT NULL,
-    vm           TEXT NOT NULL REFERENCES vms(name),
-    local_index  INTEGER NOT NULL,
+    consumer     TEXT NOT NULL DEFAULT 'vm' CHECK (consumer IN ('vm', 'kubelet')),
+    vm           TEXT REFERENCES vms(name),
+    local_index  INTEGER,
     function     TEXT NOT NULL,
     state        TEXT NOT NULL,
     guest_path   TEXT,
     guest_bdf    TEXT,
     guest_driver TEXT,
-    UNIQUE (vm, local_index)
+    owner        TEXT,
+    allocated_at INTEGER,
+    UNIQUE (vm, local_index),
+    CHECK ((consumer = 'vm') = (vm IS NOT NULL AND local_index IS NOT NULL))
 );
 CREATE TABLE IF NOT EXISTS failures (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -156,8 +165,10 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 /// The schema version this daemon writes (`PRAGMA user_version`):
 /// - 0: VM specs are `{"name", "qmp_socket", "agent_socket", "slots", "numa_node"}`;
 /// - 1: VM specs carry a typed backend, `{"name", "backend": {"qmp": {"qmp_socket",
-///   "agent_socket"}} | {"libvirt": {…}}, "slots", "numa_node"}`.
-pub const SCHEMA_VERSION: i64 = 1;
+///   "agent_socket"}} | {"libvirt": {…}}, "slots", "numa_node"}`;
+/// - 2: `assignments` also holds the kubelet's VFs: a `consumer` column (`vm` | `kubelet`),
+///   `vm` and `local_index` only for VMs, `owner` and `allocated_at` for the kubelet.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Brings a database written by an older daemon up to [`SCHEMA_VERSION`], in one transaction;
 /// refuses one written by a newer daemon (it would misread it).
@@ -190,8 +201,36 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             )?;
         }
     }
+    if version < 2 {
+        assignments_v1_to_v2(&tx)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
+    Ok(())
+}
+
+/// Rebuilds a version-1 `assignments` table (every row a VM's, `vm` and `local_index` NOT
+/// NULL) in the version-2 shape, its rows as `consumer = 'vm'`. A table that has the
+/// `consumer` column already (a database created by this daemon at version 0) is left alone.
+fn assignments_v1_to_v2(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let has_consumer: bool = tx.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('assignments') WHERE name = 'consumer'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_consumer {
+        return Ok(());
+    }
+    tx.execute_batch("ALTER TABLE assignments RENAME TO assignments_v1")?;
+    // Creates the version-2 `assignments` (every other table exists).
+    tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(
+        "INSERT INTO assignments (global_index, location, consumer, vm, local_index, function,
+             state, guest_path, guest_bdf, guest_driver)
+         SELECT global_index, location, 'vm', vm, local_index, function, state, guest_path,
+             guest_bdf, guest_driver FROM assignments_v1;
+         DROP TABLE assignments_v1;",
+    )?;
     Ok(())
 }
 
@@ -326,7 +365,7 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
     {
         let mut stmt = tx.prepare(
             "SELECT global_index, location, vm, local_index, function, state, guest_path, guest_bdf, guest_driver
-             FROM assignments ORDER BY global_index",
+             FROM assignments WHERE consumer = 'vm' ORDER BY global_index",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -374,13 +413,53 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
         }
         failures.reverse();
     }
+    let kubelet = load_kubelet(&tx)?;
     tx.commit()?;
     Ok(Loaded {
         indexes: known,
         vms,
         assignments,
+        kubelet,
         failures,
     })
+}
+
+/// The kubelet's holds (`consumer = 'kubelet'` rows).
+fn load_kubelet(conn: &Connection) -> Result<Vec<KubeletHold>, StoreError> {
+    let mut holds = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT global_index, location, function, state, owner, allocated_at
+         FROM assignments WHERE consumer = 'kubelet' ORDER BY global_index",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let gi: i64 = r.get(0)?;
+        let bad = |what: String| bad_row("assignments", format!("VF {gi} (kubelet): {what}"));
+        let owner = match r.get::<_, Option<String>>(4)? {
+            Some(text) => Some(
+                serde_json::from_str::<PodContainer>(&text)
+                    .map_err(|e| bad(format!("owner: {e}")))
+                    .and_then(|o| {
+                        PodContainer::new(&o.namespace, &o.pod, &o.container).map_err(bad)
+                    })?,
+            ),
+            None => None,
+        };
+        holds.push(KubeletHold {
+            global_index: u32::try_from(gi)
+                .map(GlobalIndex::new)
+                .map_err(|_| bad("index".into()))?,
+            location: r
+                .get::<_, String>(1)?
+                .parse()
+                .map_err(|e| bad(format!("{e}")))?,
+            function: FunctionName::new(&r.get::<_, String>(2)?).map_err(bad)?,
+            state: HoldState::parse(&r.get::<_, String>(3)?).ok_or_else(|| bad("state".into()))?,
+            owner,
+            allocated_at_ms: r.get::<_, Option<i64>>(5)?.unwrap_or(0).max(0) as u64,
+        });
+    }
+    Ok(holds)
 }
 
 /// The guest-side columns, typed. A value that does not parse is logged and named in
@@ -509,7 +588,7 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             state,
         }) => {
             let n = run(
-                "UPDATE assignments SET state = ?2 WHERE global_index = ?1 AND state = ?3",
+                "UPDATE assignments SET state = ?2 WHERE global_index = ?1 AND state = ?3 AND consumer = 'vm'",
                 params![global_index.get(), state.as_str(), from.as_str()],
             )?;
             if n != 1 {
@@ -529,9 +608,61 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             }
         }
+        Mutation::Pool(Change::KubeletReserve(holds)) => {
+            for h in holds {
+                let owner = h.owner.as_ref().map(serde_json::to_string).transpose().map_err(
+                    |e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                )?;
+                run(
+                    "INSERT INTO assignments (global_index, location, consumer, function, state, owner, allocated_at)
+                     VALUES (?1, ?2, 'kubelet', ?3, ?4, ?5, ?6)",
+                    params![
+                        h.global_index.get(),
+                        h.location.to_string(),
+                        h.function.as_str(),
+                        h.state.as_str(),
+                        owner,
+                        i64::try_from(h.allocated_at_ms).unwrap_or(i64::MAX)
+                    ],
+                )?;
+            }
+        }
+        // Kubelet changes name the holder kind and the state they expect, as VM ones do.
+        Mutation::Pool(Change::KubeletOwner {
+            global_index,
+            owner,
+        }) => {
+            let owner = serde_json::to_string(owner)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let n = run(
+                "UPDATE assignments SET owner = ?2 WHERE global_index = ?1 AND consumer = 'kubelet' AND state = 'held'",
+                params![global_index.get(), owner],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
+        Mutation::Pool(Change::KubeletReleasing { global_index }) => {
+            let n = run(
+                "UPDATE assignments SET state = 'releasing' WHERE global_index = ?1 AND consumer = 'kubelet' AND state = 'held'",
+                params![global_index.get()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
+        Mutation::Pool(Change::KubeletFree { global_index }) => {
+            let n = run(
+                "DELETE FROM assignments WHERE global_index = ?1 AND consumer = 'kubelet'",
+                params![global_index.get()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
         Mutation::Detail(global_index, d) => {
             run(
-                "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1",
+                "UPDATE assignments SET guest_path = ?2, guest_bdf = ?3, guest_driver = ?4 WHERE global_index = ?1 AND consumer = 'vm'",
                 params![
                     global_index.get(),
                     d.guest_path.map(|p| p.to_string()),
@@ -561,6 +692,10 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "store_kubelet_tests.rs"]
+mod kubelet_tests;
 
 #[cfg(test)]
 mod tests {

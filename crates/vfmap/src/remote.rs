@@ -334,9 +334,15 @@ fn inventory(inventory: &Inventory) -> String {
                 or_dash(v.function.as_ref()),
                 v.location.to_string(),
                 v.pf.to_string(),
-                or_dash(v.vm.as_ref()),
+                match &v.kubelet {
+                    Some(k) => holder_text(k.owner.as_ref()),
+                    None => or_dash(v.vm.as_ref()),
+                },
                 or_dash(v.local_index),
-                or_dash(v.state.map(|s| s.as_str())),
+                match &v.kubelet {
+                    Some(k) => k.state.as_str().to_owned(),
+                    None => or_dash(v.state.map(|s| s.as_str())),
+                },
             ]
         })
         .collect();
@@ -352,6 +358,32 @@ fn inventory(inventory: &Inventory) -> String {
             ],
             vfs
         )
+    )
+}
+
+/// Who holds a kubelet-held VF: `pod <namespace>/<pod>/<container>`, or the kubelet while
+/// PodResources has not named the container yet.
+fn holder_text(owner: Option<&vfmap_core::PodContainer>) -> String {
+    owner.map_or_else(|| "kubelet (container not yet known)".to_owned(), |o| format!("pod {o}"))
+}
+
+/// `vfmap status`'s part for Kubernetes: the VFs the kubelet holds, with their containers.
+fn kubelet_block(vfs: &[vfmap_api::KubeletVf]) -> String {
+    let rows = vfs
+        .iter()
+        .map(|v| {
+            vec![
+                v.function.to_string(),
+                v.location.to_string(),
+                v.state.as_str().to_owned(),
+                holder_text(v.owner.as_ref()),
+            ]
+        })
+        .collect();
+    format!(
+        "\nKubernetes (held by the kubelet, {} VF(s)):\n{}",
+        vfs.len(),
+        table(&["FUNCTION", "HOST VF", "STATE", "HELD BY"], rows)
     )
 }
 
@@ -404,12 +436,16 @@ fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
         Call::Status(Some(_)) => vm_block(&answer(value)?),
         Call::Status(None) => {
             let list: VmList = answer(value)?;
-            if list.vms.is_empty() {
+            let mut text = if list.vms.is_empty() {
                 "no VM registered\n".into()
             } else {
                 let vms: Vec<String> = list.vms.iter().map(vm_block).collect();
                 vms.join("\n")
+            };
+            if !list.kubelet.is_empty() {
+                text += &kubelet_block(&list.kubelet);
             }
+            text
         }
     })
 }

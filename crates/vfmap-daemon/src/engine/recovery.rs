@@ -103,6 +103,7 @@ impl Engine {
                     .await;
             }
         }
+        self.recover_kubelet().await;
         Ok(())
     }
 }

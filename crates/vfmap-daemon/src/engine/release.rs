@@ -134,26 +134,41 @@ impl Engine {
             return Err(ReleaseError::Unplug(e));
         }
         failpoint("unplugged");
-        self.reset(a.location).await;
-        let host_driver = self
-            .lock()
-            .pool
-            .vf(a.global_index)
-            .and_then(|v| v.host_driver.clone());
-        if let Some(driver) = host_driver {
-            let host = self.adapters.host.clone();
-            let location = a.location;
-            let rebound = tokio::task::spawn_blocking(move || host.bind(location, &driver))
-                .await
-                .unwrap_or(Err(HostError::Stopped { vf: location }));
-            if let Err(e) = rebound {
-                warn!(vf = %a.location, error = %chain(&e), "rebinding the host driver after release failed");
-            }
-        }
+        self.reset_and_rebind(a.global_index, a.location).await;
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_free(a.global_index)?)]))
             .await
             .map_err(|e| ReleaseError::Free(Box::new(e)))?;
         info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "released; VF free");
         Ok(())
+    }
+
+    /// Resets a released VF and binds its host driver again (each logged when it fails): what
+    /// every release does between its holder letting go and the VF going back to the pool.
+    pub(super) async fn reset_and_rebind(&self, global_index: GlobalIndex, location: Bdf) {
+        self.reset(location).await;
+        if let Err(e) = self.bind_host_driver(global_index, location).await {
+            warn!(vf = %location, error = %chain(&e), "rebinding the host driver after release failed");
+        }
+    }
+
+    /// Binds the VF's host driver (vfio-pci, normally) unless it already is; a VF whose
+    /// function names none is left as it is.
+    pub(super) async fn bind_host_driver(
+        &self,
+        global_index: GlobalIndex,
+        location: Bdf,
+    ) -> Result<(), HostError> {
+        let host_driver = self
+            .lock()
+            .pool
+            .vf(global_index)
+            .and_then(|v| v.host_driver.clone());
+        let Some(driver) = host_driver else {
+            return Ok(());
+        };
+        let host = self.adapters.host.clone();
+        tokio::task::spawn_blocking(move || host.bind(location, &driver))
+            .await
+            .unwrap_or(Err(HostError::Stopped { vf: location }))
     }
 }

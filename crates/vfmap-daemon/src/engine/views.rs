@@ -116,6 +116,14 @@ impl Engine {
             vm: a.map(|a| a.vm.clone()),
             local_index: a.map(|a| a.local_index),
             state: a.map(|a| a.state),
+            kubelet: state
+                .pool
+                .kubelet_hold(vf.global_index)
+                .map(|h| vfmap_api::KubeletHolding {
+                    owner: h.owner.clone(),
+                    allocated_at_ms: h.allocated_at_ms,
+                    state: h.state,
+                }),
         }
     }
 
@@ -168,6 +176,13 @@ impl Engine {
                 continue;
             };
             let c = &mut counts[*i];
+            if let Some(h) = state.pool.kubelet_hold(vf.global_index) {
+                match h.state {
+                    vfmap_core::HoldState::Held => c.assigned += 1,
+                    vfmap_core::HoldState::Releasing => c.releasing += 1,
+                }
+                continue;
+            }
             match state.pool.assignment(vf.global_index) {
                 None => c.free += 1,
                 Some(a) if a.state != AssignState::Releasing => c.assigned += 1,
