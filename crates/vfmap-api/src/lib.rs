@@ -423,21 +423,64 @@ pub struct Inventory {
 pub enum HealthStatus {
     /// Healthy.
     Ok,
-    /// A state commit failed (restart the daemon), or a pool invariant is broken.
+    /// Alive and answering, but still starting (see `phase`): requests that need the pool
+    /// wait for it (bounded) or are answered 503 `starting`.
+    Starting,
+    /// A state commit failed (restart the daemon), a pool invariant is broken, or the
+    /// start-up failed (the daemon is exiting).
     Degraded,
+}
+
+/// Where the daemon's start-up is. The API answers from the first phase on; the pool is
+/// usable (attach, detach, VM changes, inventory) only once `ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StartupPhase {
+    /// Reading the host (sysfs discovery) and preparing it (VFs created, host drivers bound).
+    PreparingHost,
+    /// Opening the state database: stable indexes, VMs and assignments.
+    LoadingState,
+    /// Recovery: asking each VM's hypervisor what is plugged, finishing or rolling back what
+    /// was in flight. No VF is handed out before it is done.
+    Recovering,
+    /// Serving: the pool is up.
+    Ready,
+    /// The start-up failed; the daemon is exiting (its log says why).
+    Failed,
+}
+
+impl StartupPhase {
+    /// The phase as the API writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StartupPhase::PreparingHost => "preparing_host",
+            StartupPhase::LoadingState => "loading_state",
+            StartupPhase::Recovering => "recovering",
+            StartupPhase::Ready => "ready",
+            StartupPhase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for StartupPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
-    /// `ok` or `degraded`.
+    /// `ok`, `starting` or `degraded`.
     pub status: HealthStatus,
     /// The daemon's version.
     pub version: String,
     /// The first broken pool invariant, if any.
     #[schema(required)]
     pub invariants: Option<String>,
+    /// Where the start-up is (`ready` once the pool is up).
+    pub phase: StartupPhase,
 }
 
 /// Defines [`ErrorCode`] with its variants' wire names and statuses, and [`ErrorCode::ALL`].
@@ -534,6 +577,10 @@ error_codes! {
     StateError = "state_error", 500;
     /// An earlier commit failed; restart the daemon.
     Degraded = "degraded", 503;
+    /// The daemon is starting (discovery, host preparation, recovery) and its pool was not
+    /// ready within the request's wait; nothing changed. Retry after the `Retry-After`
+    /// header's seconds.
+    Starting = "starting", 503;
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -617,10 +664,11 @@ mod tests {
             status: HealthStatus::Ok,
             version: "1".into(),
             invariants: None,
+            phase: StartupPhase::Ready,
         };
         assert_eq!(
             serde_json::to_string(&health).unwrap(),
-            r#"{"status":"ok","version":"1","invariants":null}"#
+            r#"{"status":"ok","version":"1","invariants":null,"phase":"ready"}"#
         );
     }
 }

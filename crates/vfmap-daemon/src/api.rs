@@ -9,6 +9,10 @@
 //!
 //! `GET /metrics` is the one answer that is not JSON: the Prometheus text format
 //! ([`crate::metrics`]); [`metrics_router`] serves it alone on the optional TCP listener.
+//!
+//! The API answers while the daemon is still starting ([`crate::readiness`]): health says the
+//! phase, and every handler that needs the pool takes it through the [`Ready`] extractor, which
+//! waits for it (bounded, `Prefer: wait=N`) or answers 503 `starting` with `Retry-After`.
 
 use std::sync::Arc;
 
@@ -28,9 +32,10 @@ use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName};
 
 use crate::effects::{ChannelError, HypervisorError};
 use crate::engine::{Engine, EngineError, ReleaseError, StepError};
+use crate::readiness::{MAX_WAIT, NotReady, RETRY_AFTER_SECS, Readiness, StartupPhase};
 use openapi::{
-    BadPath, BadRequest, Degraded, MethodNotAllowed, NotFound, OpenApiDocument, PayloadTooLarge,
-    SideEffectFailed, StateError, TimedOut, UnsupportedMediaType,
+    BadPath, BadRequest, MethodNotAllowed, NotFound, OpenApiDocument, PayloadTooLarge,
+    SideEffectFailed, StateError, TimedOut, Unavailable, UnsupportedMediaType,
 };
 
 pub mod openapi;
@@ -196,7 +201,53 @@ where
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body)).into_response()
+        let starting = self.code() == ErrorCode::Starting;
+        let mut response = (self.status(), Json(self.body)).into_response();
+        if starting {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
+        }
+        response
+    }
+}
+
+impl From<NotReady> for ApiError {
+    fn from(not_ready: NotReady) -> ApiError {
+        // A start-up that failed will not come up: that is no time to tell anyone to retry.
+        let code = if not_ready.reason.is_some() {
+            ErrorCode::Degraded
+        } else {
+            ErrorCode::Starting
+        };
+        ApiError::new(code, not_ready.to_string())
+    }
+}
+
+/// The engine, for handlers that need the pool: during start-up it waits for it, at most
+/// [`MAX_WAIT`] or the request's `Prefer: wait=N` if shorter, else answers 503 `starting`.
+pub struct Ready(pub Arc<Engine>);
+
+impl FromRequestParts<Readiness> for Ready {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        readiness: &Readiness,
+    ) -> Result<Self, ApiError> {
+        if let Some(engine) = readiness.engine() {
+            return Ok(Ready(engine));
+        }
+        let asked = crate::readiness::preferred_wait(
+            parts
+                .headers
+                .get_all("prefer")
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        let limit = asked.map_or(MAX_WAIT, |w| w.min(MAX_WAIT));
+        Ok(Ready(readiness.wait(limit).await?))
     }
 }
 
@@ -221,19 +272,36 @@ fn registered_name(name: String) -> Result<VmName, ApiError> {
     VmName::new(&name).map_err(|_| EngineError::Pool(PoolError::UnknownVm(name)).into())
 }
 
-type Shared = State<Arc<Engine>>;
-
-/// Liveness and invariants
+/// Liveness, start-up phase and invariants
+///
+/// Answers at once, from the moment the socket is bound: while the daemon is starting, the
+/// status is "starting" (still 200: it is alive and answering) and `phase` says where the
+/// start-up is; requests that need the pool wait for it meanwhile.
 #[utoipa::path(
     get,
     path = "/v1/health",
     responses(
-        (status = 200, description = "Healthy", body = Health),
+        (status = 200, description = "Healthy (status ok, phase ready), or alive and starting (status starting, with the phase)", body = Health),
         (status = 405, response = MethodNotAllowed),
-        (status = 503, body = Health, description = "Degraded: a state commit failed (restart the daemon), or a pool invariant is broken"),
+        (status = 503, body = Health, description = "Degraded: a state commit failed (restart the daemon), a pool invariant is broken, or the start-up failed (phase `failed`; the daemon is exiting)"),
     )
 )]
-async fn health(State(engine): Shared) -> Response {
+async fn health(State(readiness): State<Readiness>) -> Response {
+    let version = env!("CARGO_PKG_VERSION").to_owned();
+    let Some(engine) = readiness.engine() else {
+        let phase = readiness.phase();
+        let (status, health) = match phase {
+            StartupPhase::Failed => (StatusCode::SERVICE_UNAVAILABLE, HealthStatus::Degraded),
+            _ => (StatusCode::OK, HealthStatus::Starting),
+        };
+        let body = Health {
+            status: health,
+            version,
+            invariants: None,
+            phase,
+        };
+        return (status, Json(body)).into_response();
+    };
     let invariants = engine.check();
     let ok = !engine.is_degraded() && invariants.is_ok();
     let body = Health {
@@ -242,8 +310,9 @@ async fn health(State(engine): Shared) -> Response {
         } else {
             HealthStatus::Degraded
         },
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version,
         invariants: invariants.err(),
+        phase: StartupPhase::Ready,
     };
     let status = if ok {
         StatusCode::OK
@@ -260,9 +329,10 @@ async fn health(State(engine): Shared) -> Response {
     responses(
         (status = 200, description = "The inventory", body = Inventory),
         (status = 405, response = MethodNotAllowed),
+        (status = 503, response = Unavailable),
     )
 )]
-async fn inventory(State(engine): Shared) -> Response {
+async fn inventory(Ready(engine): Ready) -> Response {
     // `Inventory`, written straight from the pool.
     let body = engine.inventory_json();
     (
@@ -279,9 +349,10 @@ async fn inventory(State(engine): Shared) -> Response {
     responses(
         (status = 200, description = "VMs", body = VmList),
         (status = 405, response = MethodNotAllowed),
+        (status = 503, response = Unavailable),
     )
 )]
-async fn list_vms(State(engine): Shared) -> Json<VmList> {
+async fn list_vms(Ready(engine): Ready) -> Json<VmList> {
     Json(VmList {
         vms: engine.vm_views(),
         kubelet: engine.kubelet_views(),
@@ -311,12 +382,12 @@ async fn list_vms(State(engine): Shared) -> Json<VmList> {
         (status = 415, response = UnsupportedMediaType),
         (status = 500, response = StateError),
         (status = 502, description = "`vm_not_running`, `hypervisor_failed`", body = ErrorBody),
-        (status = 503, response = Degraded),
+        (status = 503, response = Unavailable),
         (status = 504, description = "`hypervisor_timeout`", body = ErrorBody),
     )
 )]
 async fn add_vm(
-    State(engine): Shared,
+    Ready(engine): Ready,
     body: Result<Json<NewVm>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     let Json(request) = body?;
@@ -335,10 +406,11 @@ async fn add_vm(
         (status = 400, response = BadPath),
         (status = 404, response = NotFound),
         (status = 405, response = MethodNotAllowed),
+        (status = 503, response = Unavailable),
     )
 )]
 async fn get_vm(
-    State(engine): Shared,
+    Ready(engine): Ready,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(engine.vm_view(&name)?))
@@ -357,12 +429,12 @@ async fn get_vm(
         (status = 409, description = "`busy` (an attach or detach is in flight), `vm_holds_vfs` or `conflict`", body = ErrorBody),
         (status = 500, response = StateError),
         (status = 502, response = SideEffectFailed),
-        (status = 503, response = Degraded),
+        (status = 503, response = Unavailable),
         (status = 504, response = TimedOut),
     )
 )]
 async fn remove_vm(
-    State(engine): Shared,
+    Ready(engine): Ready,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Removed>, ApiError> {
     let removed = registered_name(name)?;
@@ -393,12 +465,12 @@ async fn remove_vm(
         (status = 415, response = UnsupportedMediaType),
         (status = 500, description = "`state_error` (the change could not be committed; the daemon is degraded from now on) or `host_bind_failed` (binding the VF to its host driver failed; rolled back)", body = ErrorBody),
         (status = 502, response = SideEffectFailed),
-        (status = 503, response = Degraded),
+        (status = 503, response = Unavailable),
         (status = 504, response = TimedOut),
     )
 )]
 async fn attach(
-    State(engine): Shared,
+    Ready(engine): Ready,
     path: Result<ApiPath<String>, ApiError>,
     body: Result<Json<AttachRequest>, JsonRejection>,
 ) -> Result<Json<Attached>, ApiError> {
@@ -434,12 +506,12 @@ async fn attach(
         (status = 409, description = "`busy`: an attach or detach of it is still in flight; `conflict`", body = ErrorBody),
         (status = 500, response = StateError),
         (status = 502, response = SideEffectFailed),
-        (status = 503, response = Degraded),
+        (status = 503, response = Unavailable),
         (status = 504, response = TimedOut),
     )
 )]
 async fn detach(
-    State(engine): Shared,
+    Ready(engine): Ready,
     ApiPath((name, local)): ApiPath<(String, String)>,
 ) -> Result<Json<Detached>, ApiError> {
     let local_index = parse_local_index(&local)?;
@@ -484,9 +556,10 @@ async fn openapi_document() -> Response {
     responses(
         (status = 200, description = "The metrics (Prometheus text format 0.0.4)", body = String, content_type = "text/plain"),
         (status = 405, response = MethodNotAllowed),
+        (status = 503, response = Unavailable),
     )
 )]
-async fn metrics(State(engine): Shared) -> Response {
+async fn metrics(Ready(engine): Ready) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -526,8 +599,13 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// The API's routes.
+/// The API's routes, over an engine that is up.
 pub fn router(engine: Arc<Engine>) -> Router {
+    router_with(Readiness::ready(engine))
+}
+
+/// The API's routes, answering from the start of the daemon's start-up.
+pub fn router_with(readiness: Readiness) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/inventory", get(inventory))
@@ -541,7 +619,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(engine)
+        .with_state(readiness)
 }
 
 async fn only_metrics() -> ApiError {
@@ -553,12 +631,12 @@ async fn only_metrics() -> ApiError {
 
 /// The metrics listener's routes (`metrics_listen`): `GET /metrics` and nothing else of the
 /// API; other paths are a 404 `not_found`, other methods a 405, in the API's envelope.
-pub fn metrics_router(engine: Arc<Engine>) -> Router {
+pub fn metrics_router(readiness: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(only_metrics)
-        .with_state(engine)
+        .with_state(readiness)
 }
 
 #[cfg(test)]
@@ -813,6 +891,7 @@ mod http_tests {
         BoxFuture, ChannelError, GuestChannel, HostVfs, Hypervisor, HypervisorError,
     };
     use crate::engine::Adapters;
+    use crate::readiness::Startup;
     use crate::store::Store;
 
     /// Side effects of a host whose VMs are all stopped (none is reached by these tests).
@@ -890,12 +969,32 @@ guest_driver = "pci-stub"
     /// The real router and engine (store in a tempdir) serving a unix socket.
     async fn serve() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let tree = vfmap_testkit::SysfsTree::new(dir.path().join("sys"));
+        let engine = engine(dir.path()).await;
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(Arc::new(engine))).await });
+        (dir, socket)
+    }
+
+    /// The real router serving a unix socket while the daemon is starting: the test hands the
+    /// engine over with the returned [`Startup`].
+    async fn serve_starting() -> (tempfile::TempDir, PathBuf, Startup) {
+        let dir = tempfile::tempdir().unwrap();
+        let (startup, readiness) = Startup::begin();
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move { axum::serve(listener, router_with(readiness)).await });
+        (dir, socket, startup)
+    }
+
+    /// The real engine over a two-VF host, its store in `dir`.
+    async fn engine(dir: &FsPath) -> Engine {
+        let tree = vfmap_testkit::SysfsTree::new(dir.join("sys"));
         tree.add_pf(&vfmap_testkit::PfSpec::nvme("0000:01:00.0", 2).with_vfs(2));
         let facts = vfmap_sysfs::Sysfs::new(tree.root()).discover().unwrap();
         let tables = Tables::build(&facts, &Profiles::parse(PROFILE, "p.toml").unwrap());
         let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
-        let (store, loaded) = Store::open(&dir.path().join("state.db"), &locations).unwrap();
+        let (store, loaded) = Store::open(&dir.join("state.db"), &locations).unwrap();
         let offline = Arc::new(Offline);
         let adapters = Adapters {
             hypervisor: offline.clone(),
@@ -903,11 +1002,7 @@ guest_driver = "pci-stub"
             host: offline,
             agent_deadline: Duration::from_millis(100),
         };
-        let engine = Engine::new(tables, store, loaded, adapters).await.unwrap();
-        let socket = dir.path().join("api.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        tokio::spawn(async move { axum::serve(listener, router(Arc::new(engine))).await });
-        (dir, socket)
+        Engine::new(tables, store, loaded, adapters).await.unwrap()
     }
 
     struct Answered {
@@ -962,6 +1057,107 @@ guest_driver = "pci-stub"
 
     const VM: &str = r#"{"name":"web","backend":{"qmp":{"qmp_socket":"/run/web.qmp","agent_socket":"/run/web.agent","slots":["rp0"]}}}"#;
     const JSON: &str = "Content-Type: application/json\r\n";
+
+    #[tokio::test]
+    async fn while_starting_health_answers_and_the_pool_is_waited_for_or_refused_with_503() {
+        let (dir, socket, startup) = serve_starting().await;
+        let health = send(&socket, "GET", "/v1/health", "", "").await;
+        assert_eq!(health.status, 200, "{}", health.body);
+        assert_eq!(
+            (&health.body["status"], &health.body["phase"]),
+            (&json!("starting"), &json!("preparing_host"))
+        );
+        let _: Health = serde_json::from_value(health.body).unwrap();
+        assert_eq!(
+            send(&socket, "GET", "/v1/openapi.json", "", "")
+                .await
+                .status,
+            200
+        );
+        // Routing answers as ever: an unknown path, a method a path does not have.
+        assert_envelope(
+            &send(&socket, "GET", "/v1/nope", "", "").await,
+            404,
+            "not_found",
+        );
+        assert_envelope(
+            &send(&socket, "PUT", "/v1/vms", "", "").await,
+            405,
+            "method_not_allowed",
+        );
+        startup.phase(StartupPhase::Recovering);
+        // A client that will not wait is told at once, with the phase and when to retry.
+        let nowait = "Prefer: wait=0\r\n";
+        for (method, path, headers, body) in [
+            ("GET", "/v1/inventory", nowait.to_owned(), ""),
+            ("GET", "/v1/vms", nowait.to_owned(), ""),
+            ("GET", "/metrics", nowait.to_owned(), ""),
+            ("POST", "/v1/vms", format!("{JSON}{nowait}"), VM),
+            (
+                "POST",
+                "/v1/vms/web/attach",
+                format!("{JSON}{nowait}"),
+                r#"{"function":"crypto"}"#,
+            ),
+            ("DELETE", "/v1/vms/web/devices/0", nowait.to_owned(), ""),
+        ] {
+            let answer = send(&socket, method, path, &headers, body).await;
+            assert_envelope(&answer, 503, "starting");
+            assert!(
+                answer.head.contains("\r\nretry-after: 1"),
+                "{}",
+                answer.head
+            );
+            let message = answer.body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("phase recovering"), "{message}");
+        }
+        // One that waits gets its answer once the pool is up, and it is the real one.
+        let waiting = {
+            let socket = socket.clone();
+            tokio::spawn(async move { send(&socket, "POST", "/v1/vms", JSON, VM).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "answered before the pool was up");
+        assert_eq!(
+            send(&socket, "GET", "/v1/health", "", "").await.body["phase"],
+            "recovering"
+        );
+        startup.ready(Arc::new(engine(dir.path()).await));
+        let registered = waiting.await.unwrap();
+        assert_eq!(registered.status, 201, "{}", registered.body);
+        // The refused registration changed nothing: only the waited one is there.
+        let vms = send(&socket, "GET", "/v1/vms", "", "").await;
+        assert_eq!(vms.body["vms"].as_array().unwrap().len(), 1, "{}", vms.body);
+        let health = send(&socket, "GET", "/v1/health", "", "").await;
+        assert_eq!(
+            (health.status, &health.body["status"], &health.body["phase"]),
+            (200, &json!("ok"), &json!("ready"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_up_is_degraded_and_waiters_are_answered_at_once() {
+        let (_dir, socket, startup) = serve_starting().await;
+        let waiting = {
+            let socket = socket.clone();
+            tokio::spawn(async move { send(&socket, "GET", "/v1/inventory", "", "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        startup.fail("preparing the host failed");
+        let answer = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the waiter was answered at once")
+            .unwrap();
+        assert_envelope(&answer, 503, "degraded");
+        assert!(!answer.head.contains("retry-after"), "{}", answer.head);
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("preparing the host failed"), "{message}");
+        let health = send(&socket, "GET", "/v1/health", "", "").await;
+        assert_eq!(
+            (health.status, &health.body["status"], &health.body["phase"]),
+            (503, &json!("degraded"), &json!("failed"))
+        );
+    }
 
     #[tokio::test]
     async fn unsupported_methods_get_405_with_allow_and_the_envelope() {

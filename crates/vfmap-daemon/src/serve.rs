@@ -1,5 +1,5 @@
-//! `vfmap serve`: configuration, start-up (inventory, prepare, state, recovery), the API
-//! socket and the optional metrics listener.
+//! `vfmap serve`: configuration, the API socket (bound first), start-up behind it (inventory,
+//! prepare, state, recovery; see [`crate::readiness`]) and the optional metrics listener.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,12 +12,13 @@ use vfmap_core::{Bdf, Profiles};
 use vfmap_sysfs::{FileWriter, Modprobe, Sysfs};
 
 use crate::channel::AgentChannel;
-use crate::effects::SysfsHost;
+use crate::effects::{SysfsHost, chain};
 use crate::engine::{Adapters, Engine, EngineError};
 use crate::libvirt::{Backends, Virsh};
 use crate::metrics::Metrics;
 use crate::paths::{PathError, bind_socket, lock_state_dir};
 use crate::qmp::{DeviceTemplate, Qmp};
+use crate::readiness::{Startup, StartupPhase};
 use crate::resync::Resyncs;
 use crate::store::{Store, StoreError};
 
@@ -213,13 +214,18 @@ fn setup(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
 }
 
 /// Starts the daemon and serves until SIGINT/SIGTERM.
+///
+/// The API socket is bound right after the lock, the config and the profiles: it answers
+/// within milliseconds, whatever the size of the host. Discovery, host preparation, the state
+/// database and recovery run behind it ([`start`]); until they are done, health says the
+/// phase and requests that need the pool wait for it (bounded) or get 503 `starting`
+/// ([`crate::readiness`]). A start-up that fails stops the daemon with its error, as before.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     // One daemon per state directory, checked before anything is read or changed: a second
     // daemon would otherwise prepare and recover under the first one's feet.
     let _lock = lock_state_dir(&config.state_dir)?;
     let metrics = Arc::new(Metrics::new());
-    // Bound before anything changes on the host, so a taken port stops the start cleanly;
-    // it serves once the engine is up (connections wait in the backlog until then).
+    // Bound before anything changes on the host, so a taken port stops the start cleanly.
     let metrics_listener = match config.metrics_listen {
         Some(address) => Some((
             address,
@@ -230,21 +236,121 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
     let profiles = load_profiles(&config.profiles)?;
+    let template =
+        DeviceTemplate::parse(&config.device_template).map_err(|message| ServeError::Config {
+            path: "device_template".into(),
+            message,
+        })?;
+
+    let (startup, readiness) = Startup::begin();
+    let (listener, socket) = bind_socket(&config.socket)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(setup(&config.socket))?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(setup(&config.socket))?;
+    info!(socket = %socket.path().display(), "API listening (starting: requests that need the pool wait for it)");
+    if let Some((configured, listener)) = metrics_listener {
+        // The port the system chose, when the address asked for port 0.
+        let address = listener
+            .local_addr()
+            .map_err(|source| ServeError::MetricsListen {
+                address: configured,
+                source,
+            })?;
+        info!(address = %address, "metrics listening (GET /metrics only)");
+        let app = crate::api::metrics_router(readiness.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signalled.send_replace(true);
+    });
+    let server = tokio::spawn(
+        axum::serve(listener, crate::api::router_with(readiness))
+            .with_graceful_shutdown(stopped(stopping.clone()))
+            .into_future(),
+    );
+
+    let started = tokio::select! {
+        started = start(&config, profiles, template, metrics, &startup) => Some(started),
+        () = stopped(stopping) => None,
+    };
+    let result = match started {
+        Some(Ok((engine, resyncs))) => {
+            upkeep(&engine, resyncs, &config);
+            startup.ready(engine);
+            Ok(())
+        }
+        Some(Err(error)) => {
+            tracing::error!(error = %chain(&error), "start-up failed; stopping");
+            startup.fail(&chain(&error));
+            stop.send_replace(true);
+            Err(error)
+        }
+        // A signal during the start-up: what was in flight is left as a crash would leave
+        // it, for the next start's recovery.
+        None => {
+            startup.fail("the daemon is stopping");
+            Ok(())
+        }
+    };
+    let served = server
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    drop(socket);
+    result?;
+    served.map_err(setup(&config.socket))?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Resolves once `stopping` turns true (or its sender is gone).
+async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// Runs blocking work (sysfs, SQLite) off the runtime's workers, so the API keeps answering.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The start-up behind the socket: inventory and prepare, state, engine, recovery. The engine
+/// is returned only once recovery is done: no VF is handed out before its state is known.
+async fn start(
+    config: &Config,
+    profiles: Profiles,
+    template: DeviceTemplate,
+    metrics: Arc<Metrics>,
+    startup: &Startup,
+) -> Result<(Arc<Engine>, Resyncs), ServeError> {
     // Discovery is most of the start on a big host: spread it over up to 4 cores. Their
     // allocator arenas keep ~9 MiB after the scan (65,536 VFs: peak 55 MiB, steady 41 MiB,
     // against 46 and 32 single-threaded, and half the time to serving on 2 cores).
     let sysfs = Sysfs::new(&config.sysfs_root).with_threads(4);
     let settle = Duration::from_millis(config.settle_ms);
-    let report = vfmap_sysfs::prepare(
-        &sysfs,
-        &profiles,
-        &FileWriter,
-        &Modprobe,
-        settle,
-        &mut |step| {
-            info!(step = %step, "prepare");
-        },
-    )?;
+    let scanned = sysfs.clone();
+    let report = blocking(move || {
+        vfmap_sysfs::prepare(
+            &scanned,
+            &profiles,
+            &FileWriter,
+            &Modprobe,
+            settle,
+            &mut |step| {
+                info!(step = %step, "prepare");
+            },
+        )
+    })
+    .await?;
     let tables = report.tables;
     info!(
         vfs = tables.vfs.len(),
@@ -256,18 +362,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(device = %problem.device, attribute = %problem.attribute, "{}", problem.message);
     }
 
+    startup.phase(StartupPhase::LoadingState);
     let locations: Vec<Bdf> = tables.vfs.iter().map(|v| v.location).collect();
-    let (store, loaded) = Store::open_with_metrics(
-        &config.state_dir.join("state.db"),
-        &locations,
-        metrics.clone(),
-    )?;
+    let (path, store_metrics) = (config.state_dir.join("state.db"), metrics.clone());
+    let (store, loaded) =
+        blocking(move || Store::open_with_metrics(&path, &locations, store_metrics)).await?;
 
-    let template =
-        DeviceTemplate::parse(&config.device_template).map_err(|message| ServeError::Config {
-            path: "device_template".into(),
-            message,
-        })?;
     let resyncs = Resyncs::default();
     let adapters = Adapters {
         // Each VM's backend is chosen per VM; both adapters share the operation timeout.
@@ -286,23 +386,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),
     };
     let engine = Arc::new(Engine::with_metrics(tables, store, loaded, adapters, metrics).await?);
+    startup.phase(StartupPhase::Recovering);
     engine.recover().await?;
-    if let Some((configured, listener)) = metrics_listener {
-        // The port the system chose, when the address asked for port 0.
-        let address = listener
-            .local_addr()
-            .map_err(|source| ServeError::MetricsListen {
-                address: configured,
-                source,
-            })?;
-        info!(address = %address, "metrics listening (GET /metrics only)");
-        let app = crate::api::metrics_router(engine.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the metrics listener stopped");
-            }
-        });
-    }
+    Ok((engine, resyncs))
+}
+
+/// The background work of a running daemon: correspondence re-sends and cleanups.
+fn upkeep(engine: &Arc<Engine>, resyncs: Resyncs, config: &Config) {
     // An agent that (re)connects gets its VM's whole correspondence again: one re-send per
     // VM at a time, at most one waiting, and none sooner than RESYNC_SPACING after the last.
     let resyncer = engine.clone();
@@ -335,23 +425,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
 
     if let Some(kubernetes) = &config.kubernetes {
-        crate::k8s::start(&engine, kubernetes);
+        crate::k8s::start(engine, kubernetes);
     }
-
-    let (listener, socket) = bind_socket(&config.socket)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(setup(&config.socket))?;
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(setup(&config.socket))?;
-    info!(socket = %socket.path().display(), "API listening");
-    let app = crate::api::router(engine);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(setup(&config.socket))?;
-    drop(socket);
-    info!("stopped");
-    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -39,6 +39,14 @@ Statuses that any change (POST, DELETE) may answer besides its own: 500 `state_e
 state could not be committed; the daemon is then degraded) and 503 `degraded` (an earlier
 commit failed: restart the daemon).
 
+Start-up: the socket answers from the moment it is bound, before the host is read and the
+state recovered. `GET /v1/health` (200, `status: starting` and its `phase`) and
+`GET /v1/openapi.json` answer at once. Every other request needs the pool: it waits until the
+daemon is ready, at most 10 s or what `Prefer: wait=N` (RFC 7240, seconds) asks if less, and
+then gets 503 `starting` with `Retry-After`, having changed nothing. The pool is ready only
+after recovery has settled every stored assignment, so no VF is handed out before its state
+is known.
+
 This document is generated from the daemon's code (`vfmap-api`'s types and the handlers'
 declarations) and served at `GET /v1/openapi.json`. `scripts/schema-fuzz` checks the daemon
 against it with a schema-driven fuzzer; a response field or status that is not documented
@@ -78,7 +86,7 @@ here fails it.";
             SideEffectFailed,
             TimedOut,
             StateError,
-            Degraded,
+            Unavailable,
         )
     )
 )]
@@ -166,9 +174,12 @@ pub struct TimedOut(pub ErrorBody);
 #[derive(ToResponse)]
 pub struct StateError(pub ErrorBody);
 
-/// `degraded`: an earlier commit failed; restart the daemon
+/// `starting`: the daemon is starting and its pool was not ready within the request's wait
+/// (10 s, or less with `Prefer: wait=N`); retry after `Retry-After`. Or `degraded`: an earlier
+/// commit failed, or the start-up failed; restart the daemon
 #[derive(ToResponse)]
-pub struct Degraded(pub ErrorBody);
+#[response(headers(("Retry-After" = u64, description = "With `starting`: seconds to wait before retrying")))]
+pub struct Unavailable(pub ErrorBody);
 
 /// The body of `GET /v1/openapi.json`: an OpenAPI 3.1 document (this one).
 pub enum OpenApiDocument {}

@@ -155,7 +155,14 @@ impl World {
         if let Some(f) = failpoint {
             cmd.env("VFMAP_FAILPOINT", f);
         }
-        self.launch(cmd);
+        self.launch(cmd, true);
+    }
+
+    /// Starts the daemon and returns as soon as its API answers, possibly still starting.
+    pub fn start_answering(&mut self) {
+        let mut cmd = Guarded::command(env!("CARGO_BIN_EXE_vfmap"));
+        cmd.args(["serve", "--config"]).arg(&self.config);
+        self.launch(cmd, false);
     }
 
     /// Starts the daemon with the given file mode creation mask.
@@ -167,10 +174,11 @@ impl World {
             ))
             .arg(env!("CARGO_BIN_EXE_vfmap"))
             .arg(&self.config);
-        self.launch(cmd);
+        self.launch(cmd, true);
     }
 
-    fn launch(&mut self, mut cmd: Command) {
+    /// Spawns the daemon and waits until it answers: with `ready`, until its pool is up.
+    fn launch(&mut self, mut cmd: Command, ready: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -180,8 +188,12 @@ impl World {
         self.daemon = Some(Guarded::spawn(&mut cmd));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
+            // The socket answers while the daemon still starts: wait for its pool (recovery
+            // done), as tests then read what recovery did.
+            match self.phase().as_deref() {
+                Some("ready") => return,
+                Some(_) if !ready => return,
+                _ => {}
             }
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait() {
                 panic!(
@@ -306,20 +318,50 @@ impl World {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The start-up phase health reports, if the daemon answers.
+    pub fn phase(&self) -> Option<String> {
+        let mut s = UnixStream::connect(&self.socket).ok()?;
+        write!(
+            s,
+            "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()?;
+        Some(body["phase"].as_str()?.to_owned())
+    }
+
     /// Raw HTTP, for bodies the CLI would never send.
     pub fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let (status, _, body) = self.raw_with(method, path, "", body);
+        (status, body)
+    }
+
+    /// Raw HTTP with extra header lines (each ending in CRLF); the head comes back lowercased.
+    pub fn raw_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> (u16, String, Value) {
         let mut s = UnixStream::connect(&self.socket).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
         let mut response = String::new();
         s.read_to_string(&mut response).unwrap();
         let status = response[9..12].parse().unwrap();
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            status,
+            head.to_ascii_lowercase(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
     }
 
     /// Everything the daemon exposes, to compare before and after.
