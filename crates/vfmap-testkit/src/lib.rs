@@ -7,6 +7,8 @@
 //! - [`FakeKernel`] implements [`SysfsWriter`] by reacting to writes the way the PCI core does
 //!   (`sriov_numvfs` creates VFs, `unbind`/`drivers_probe`/`driver_override` move bindings,
 //!   vfio-pci refuses a device without an IOMMU group), and logs every write.
+//! - [`kubelet::FakeKubelet`]: the kubelet's Registration and PodResources services, and a
+//!   client of a device plugin's endpoints, for tests of the daemon's device plugin.
 
 use std::collections::HashSet;
 use std::fs;
@@ -17,6 +19,8 @@ use std::sync::Mutex;
 
 use vfmap_core::{Bdf, DriverName, PciId};
 use vfmap_sysfs::{ModuleLoader, SysfsWriter};
+
+pub mod kubelet;
 
 /// An SR-IOV PF to add to a tree.
 #[derive(Debug, Clone)]
