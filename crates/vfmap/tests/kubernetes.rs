@@ -122,6 +122,15 @@ fn the_daemons_device_plugin_shares_its_pool_with_vms_and_survives_restarts() {
     assert!(row["vm"].is_null(), "{row}");
     assert_eq!(row["kubelet"]["state"], "held");
     assert!(row["kubelet"]["owner"].is_null());
+    // The kubelet lists the pod's container at once (an unlisted VF would be released after
+    // the grace period).
+    k.kubelet.set_pods(&[(
+        "default",
+        "vf-pod",
+        "app",
+        "vfmap.io/crypto",
+        &[held.as_str()],
+    )]);
 
     // A VM asking for every crypto VF gets the seven others, never the kubelet's.
     let _vm = k.world.vm("web-1", 8, &[], &[]);
@@ -152,13 +161,6 @@ fn the_daemons_device_plugin_shares_its_pool_with_vms_and_survives_restarts() {
     });
 
     // PodResources names the container: recorded, shown by `vfmap status`.
-    k.kubelet.set_pods(&[(
-        "default",
-        "vf-pod",
-        "app",
-        "vfmap.io/crypto",
-        &[held.as_str()],
-    )]);
     eventually("the owner recorded", || {
         k.vf(&held)["kubelet"]["owner"]["pod"] == "vf-pod"
     });
@@ -243,5 +245,44 @@ fn a_free_vf_the_kubelet_lists_is_adopted_and_the_config_is_checked() {
     assert!(
         stderr.contains("resource prefix \\\"k8s.io\\\"") || stderr.contains("k8s.io"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_kill_during_allocate_or_release_is_recovered() {
+    let mut k = K8sWorld::new();
+    // Killed right after the hold is committed, before Allocate answers.
+    k.world.start(Some("kubelet_held"));
+    eventually("the plugin's registrations", || {
+        k.kubelet.registrations().len() >= 2
+    });
+    let held = k.kubelet.list_devices(CRYPTO).unwrap()[0].0.clone();
+    // The kubelet lists it for its container throughout (it would otherwise be released after
+    // the grace period).
+    k.kubelet
+        .set_pods(&[("default", "p", "app", "vfmap.io/crypto", &[held.as_str()])]);
+    assert!(k.kubelet.allocate(CRYPTO, &[&held]).is_err());
+    k.world.wait_dead();
+    // The hold survived; Allocate again (as the kubelet retries) is accepted.
+    k.start();
+    assert_eq!(k.vf(&held)["kubelet"]["state"], "held");
+    let allocated = k.kubelet.allocate(CRYPTO, &[&held]).unwrap();
+    assert_eq!(allocated.envs["PCI_RESOURCE_VFMAP_IO_CRYPTO"], held);
+    k.world.kill9();
+
+    // Killed after the release is committed, before the reset: the next start finishes it.
+    k.world.start(Some("kubelet_releasing"));
+    k.kubelet.set_pods(&[]);
+    k.world.wait_dead();
+    let before = k.kubelet.registrations().len();
+    k.world.start(None);
+    eventually("the plugin's registrations", || {
+        k.kubelet.registrations().len() >= before + 2
+    });
+    assert!(k.vf(&held)["kubelet"].is_null(), "{}", k.vf(&held));
+    assert!(
+        k.world.log_text().contains("recovery (kubelet)"),
+        "{}",
+        k.world.log_text()
     );
 }
