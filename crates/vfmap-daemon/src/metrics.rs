@@ -115,7 +115,9 @@ pub struct VfCounts {
     pub free: u64,
     /// Held by a VM: reserved, host bound, plugged, sent or ready.
     pub assigned: u64,
-    /// Being released now.
+    /// Held by the kubelet for a Kubernetes container (the device plugin).
+    pub kubelet: u64,
+    /// Being released now (by a VM or the kubelet).
     pub releasing: u64,
     /// Releasing, but the hypervisor did not confirm the unplug: waiting for a cleanup retry
     /// (or, once the attempts are used up, for `vfmap detach`).
@@ -327,6 +329,7 @@ impl Metrics {
             for (state, n) in [
                 ("free", counts.free),
                 ("assigned", counts.assigned),
+                ("kubelet", counts.kubelet),
                 ("releasing", counts.releasing),
                 ("failed", counts.failed),
             ] {
@@ -341,7 +344,7 @@ impl Metrics {
         let mut scraped = Registry::with_prefix("vfmap");
         scraped.register(
             "vfs",
-            "VFs that carry a function, by function and state (free, assigned, releasing, failed: releasing with an unplug the hypervisor did not confirm, waiting for a cleanup retry)",
+            "VFs that carry a function, by function and state (free, assigned: held by a VM, kubelet: held for a Kubernetes container, releasing, failed: releasing with an unplug the hypervisor did not confirm, waiting for a cleanup retry)",
             gauge,
         );
         let mut text = String::with_capacity(4096);
@@ -381,6 +384,7 @@ mod tests {
             function: "crypto".into(),
             free: 6,
             assigned: 1,
+            kubelet: 2,
             releasing: 0,
             failed: 1,
         }]);
@@ -420,6 +424,7 @@ mod tests {
             r#"vfmap_recovery_assignments_total{decision="deferred"} 0"#,
             r#"vfmap_vfs{function="crypto",state="free"} 6"#,
             r#"vfmap_vfs{function="crypto",state="failed"} 1"#,
+            r#"vfmap_vfs{function="crypto",state="kubelet"} 2"#,
         ] {
             assert!(samples.contains(&want), "{want} missing in\n{text}");
         }

@@ -66,6 +66,20 @@ impl K8sWorld {
             .unwrap()
     }
 
+    /// `GET /metrics`'s text.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.world.socket).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    }
+
     fn iommu_group(&self, location: &str) -> String {
         let link: PathBuf = self
             .world
@@ -164,6 +178,11 @@ fn the_daemons_device_plugin_shares_its_pool_with_vms_and_survives_restarts() {
     eventually("the owner recorded", || {
         k.vf(&held)["kubelet"]["owner"]["pod"] == "vf-pod"
     });
+    let metrics = k.metrics();
+    assert!(
+        metrics.contains(r#"vfmap_vfs{function="crypto",state="kubelet"} 1"#),
+        "{metrics}"
+    );
     let status = k.world.cli(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(

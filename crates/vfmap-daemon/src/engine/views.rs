@@ -178,7 +178,7 @@ impl Engine {
             let c = &mut counts[*i];
             if let Some(h) = state.pool.kubelet_hold(vf.global_index) {
                 match h.state {
-                    vfmap_core::HoldState::Held => c.assigned += 1,
+                    vfmap_core::HoldState::Held => c.kubelet += 1,
                     vfmap_core::HoldState::Releasing => c.releasing += 1,
                 }
                 continue;
