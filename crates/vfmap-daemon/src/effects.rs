@@ -243,6 +243,34 @@ pub trait HostVfs: Send + Sync {
     fn iommu_group(&self, _vf: Bdf) -> Option<u32> {
         None
     }
+    /// The processes that have the VF's `/dev/vfio/<group>` open (a container still using
+    /// it): a VF must not be reset under them. Empty when none, or when it cannot tell.
+    fn group_users(&self, _vf: Bdf) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
+/// The pids under `proc_root` (normally `/proc`) with an open file descriptor on
+/// `/dev/vfio/<group>`, sorted. Processes whose descriptors cannot be read (another user's,
+/// without the privilege) are not seen.
+pub fn vfio_group_users(proc_root: &std::path::Path, group: u32) -> Vec<u32> {
+    let target = std::path::PathBuf::from(format!("/dev/vfio/{group}"));
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut users: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(_, dir)| {
+            std::fs::read_dir(dir.join("fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == target))
+            })
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    users.sort_unstable();
+    users
 }
 
 /// The real host: the sysfs tree the daemon was configured with.
@@ -283,7 +311,19 @@ impl HostVfs for SysfsHost {
             .join("bus/pci/devices")
             .join(vf.to_string())
             .join("iommu_group");
-        std::fs::read_link(link).ok()?.file_name()?.to_str()?.parse().ok()
+        std::fs::read_link(link)
+            .ok()?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
+    }
+
+    fn group_users(&self, vf: Bdf) -> Vec<u32> {
+        match self.iommu_group(vf) {
+            Some(group) => vfio_group_users(std::path::Path::new("/proc"), group),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -297,4 +337,28 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vfio_group_users_reads_open_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path();
+        for (pid, fd, target) in [
+            ("12", "4", "/dev/vfio/7"),
+            ("12", "5", "/dev/null"),
+            ("30", "9", "/dev/vfio/7"),
+            ("31", "3", "/dev/vfio/70"),
+            ("self", "3", "/dev/vfio/7"),
+        ] {
+            let fds = proc_root.join(pid).join("fd");
+            std::fs::create_dir_all(&fds).unwrap();
+            std::os::unix::fs::symlink(target, fds.join(fd)).unwrap();
+        }
+        std::fs::create_dir_all(proc_root.join("40")).unwrap();
+        assert_eq!(super::vfio_group_users(proc_root, 7), [12, 30]);
+        assert_eq!(super::vfio_group_users(proc_root, 8), [] as [u32; 0]);
+        assert!(super::vfio_group_users(&proc_root.join("none"), 7).is_empty());
+    }
 }

@@ -198,7 +198,8 @@ impl Engine {
     }
 
     /// Returns a kubelet-held VF to the pool: durable `releasing`, reset, host driver, free.
-    /// A release found `releasing` (an earlier one stopped half-way) is finished.
+    /// Refused, nothing changed, while a process has the VF's IOMMU group open. A release
+    /// found `releasing` (an earlier one stopped half-way) is finished.
     pub async fn kubelet_release(&self, location: Bdf) -> Result<(), EngineError> {
         let gi = self.index_of(&[location])?[0];
         let Some(_claim) = self.claim(gi) else {
@@ -211,6 +212,22 @@ impl Engine {
         match state {
             None => return Err(PoolError::NotAssigned(gi).into()),
             Some(HoldState::Held) => {
+                // Not reset under a container that still has the device open (a stopping one,
+                // or a stuck one): refused, nothing changed; reconciliation asks again.
+                let host = self.adapters.host.clone();
+                let users = tokio::task::spawn_blocking(move || host.group_users(location))
+                    .await
+                    .unwrap_or_default();
+                if let Some(pid) = users.first() {
+                    return Err(PoolError::Taken {
+                        vf: location,
+                        by: format!(
+                            "process {pid} (its IOMMU group is still open; {} process(es) in all); released once closed",
+                            users.len()
+                        ),
+                    }
+                    .into());
+                }
                 self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_kubelet_release(gi)?)]))
                     .await?;
                 failpoint("kubelet_releasing");
