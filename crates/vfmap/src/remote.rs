@@ -354,7 +354,7 @@ fn inventory(inventory: &Inventory) -> String {
         ),
         table(
             &[
-                "INDEX", "FUNCTION", "LOCATION", "PF", "VM", "LOCAL", "STATE"
+                "INDEX", "FUNCTION", "LOCATION", "PF", "HOLDER", "LOCAL", "STATE"
             ],
             vfs
         )
@@ -364,7 +364,10 @@ fn inventory(inventory: &Inventory) -> String {
 /// Who holds a kubelet-held VF: `pod <namespace>/<pod>/<container>`, or the kubelet while
 /// PodResources has not named the container yet.
 fn holder_text(owner: Option<&vfmap_core::PodContainer>) -> String {
-    owner.map_or_else(|| "kubelet (container not yet known)".to_owned(), |o| format!("pod {o}"))
+    owner.map_or_else(
+        || "kubelet (container not yet known)".to_owned(),
+        |o| format!("pod {o}"),
+    )
 }
 
 /// `vfmap status`'s part for Kubernetes: the VFs the kubelet holds, with their containers.

@@ -192,6 +192,13 @@ fn the_daemons_device_plugin_shares_its_pool_with_vms_and_survives_restarts() {
         "{text}"
     );
 
+    let inventory = String::from_utf8(k.world.cli(&["inventory"]).stdout).unwrap();
+    let line = inventory.lines().find(|l| l.contains(&held)).unwrap();
+    assert!(
+        line.contains("pod default/vf-pod/app") && line.contains("held"),
+        "{inventory}"
+    );
+
     // A kubelet restart: registered again, the allocation kept.
     let before = k.kubelet.registrations().len();
     k.kubelet.restart();
