@@ -40,8 +40,10 @@ impl Engine {
 
     /// Completes or rolls back everything in flight after a restart, frees VFs whose VM lost
     /// them, and unplugs devices with vfmap's ids that the database does not hold. Runs before
-    /// the API opens, so no VF is handed out before its state is known. Each assignment's
-    /// decision is counted (`vfmap_recovery_assignments_total`).
+    /// the engine is handed to the API (`crate::readiness`), so no VF is handed out before its
+    /// state is known. The VMs are recovered concurrently (one VM's slow hypervisor does not
+    /// hold the others back, and their commits share transactions); each VM's assignments in
+    /// order. Each assignment's decision is counted (`vfmap_recovery_assignments_total`).
     pub async fn recover(&self) -> Result<(), EngineError> {
         let (vms, held): (Vec<VmSpec>, Vec<Assignment>) = {
             let s = self.lock();
@@ -50,60 +52,64 @@ impl Engine {
                 s.pool.assignments().cloned().collect(),
             )
         };
-        for vm in vms {
-            self.adapters.channel.watch(&vm);
-            let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
-            let (plugged, lifecycle) = match self.adapters.hypervisor.plugged(&vm).await {
-                Ok(ids) => (ids, None),
-                // Only a VM that is certainly not running has nothing plugged; anything less
-                // certain (a timeout, a permission error) must not free a VF that may be in use.
-                Err(e) if e.is_not_running() => (Vec::new(), e.lifecycle()),
-                Err(e) => {
-                    let e = chain(&e);
-                    warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
-                    self.defer_cleanups(&vm, &mine, &e).await;
-                    for _ in &mine {
-                        self.metrics.recovered(Recovered::Deferred);
-                    }
-                    continue;
-                }
-            };
-            self.remove_orphans(&vm, &plugged).await;
-            for a in mine {
-                let is_plugged = plugged.contains(&device_id(a.global_index));
-                let decision = plan_recovery(a.state, is_plugged);
-                info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
-                self.metrics.recovered(decision.into());
-                let incomplete = match decision {
-                    Recovery::Keep => None,
-                    Recovery::RollBack => {
-                        self.roll_back(&vm, a, is_plugged, StepError::Restarted)
-                            .await
-                            .cleanup
-                    }
-                    Recovery::FinishRelease => self
-                        .finish_release(&vm, a, false, is_plugged)
-                        .await
-                        .err()
-                        .map(|e| chain(&e)),
-                    // A VM its manager stopped is still asked to unplug: that drops the
-                    // device from a persistent definition, so it does not come back.
-                    Recovery::Lost => {
-                        self.roll_back(&vm, a, lifecycle.is_some(), StepError::Lost)
-                            .await
-                            .cleanup
-                    }
-                };
-                if let Some(reason) = incomplete {
-                    warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
-                }
-            }
-            if lifecycle == Some(crate::effects::Lifecycle::Undefined) {
-                self.vm_undefined(&vm, "its manager no longer defines it")
-                    .await;
-            }
-        }
+        let held = &held;
+        futures_util::future::join_all(vms.into_iter().map(|vm| self.recover_vm(vm, held))).await;
         self.recover_kubelet().await;
         Ok(())
+    }
+
+    /// [`Engine::recover`] for one VM.
+    async fn recover_vm(&self, vm: VmSpec, held: &[Assignment]) {
+        self.adapters.channel.watch(&vm);
+        let mine: Vec<&Assignment> = held.iter().filter(|a| a.vm == vm.name).collect();
+        let (plugged, lifecycle) = match self.adapters.hypervisor.plugged(&vm).await {
+            Ok(ids) => (ids, None),
+            // Only a VM that is certainly not running has nothing plugged; anything less
+            // certain (a timeout, a permission error) must not free a VF that may be in use.
+            Err(e) if e.is_not_running() => (Vec::new(), e.lifecycle()),
+            Err(e) => {
+                let e = chain(&e);
+                warn!(vm = %vm.name, error = %e, "cannot ask the hypervisor; unfinished attaches become releases retried in the background");
+                self.defer_cleanups(&vm, &mine, &e).await;
+                for _ in &mine {
+                    self.metrics.recovered(Recovered::Deferred);
+                }
+                return;
+            }
+        };
+        self.remove_orphans(&vm, &plugged).await;
+        for a in mine {
+            let is_plugged = plugged.contains(&device_id(a.global_index));
+            let decision = plan_recovery(a.state, is_plugged);
+            info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
+            self.metrics.recovered(decision.into());
+            let incomplete = match decision {
+                Recovery::Keep => None,
+                Recovery::RollBack => {
+                    self.roll_back(&vm, a, is_plugged, StepError::Restarted)
+                        .await
+                        .cleanup
+                }
+                Recovery::FinishRelease => self
+                    .finish_release(&vm, a, false, is_plugged)
+                    .await
+                    .err()
+                    .map(|e| chain(&e)),
+                // A VM its manager stopped is still asked to unplug: that drops the
+                // device from a persistent definition, so it does not come back.
+                Recovery::Lost => {
+                    self.roll_back(&vm, a, lifecycle.is_some(), StepError::Lost)
+                        .await
+                        .cleanup
+                }
+            };
+            if let Some(reason) = incomplete {
+                warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
+            }
+        }
+        if lifecycle == Some(crate::effects::Lifecycle::Undefined) {
+            self.vm_undefined(&vm, "its manager no longer defines it")
+                .await;
+        }
     }
 }
