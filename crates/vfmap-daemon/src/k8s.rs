@@ -208,10 +208,7 @@ impl VfPool for EnginePool {
     }
 
     async fn release(&self, location: Bdf) -> Result<(), PoolRefusal> {
-        self.engine
-            .kubelet_release(location)
-            .await
-            .map_err(refusal)
+        self.engine.kubelet_release(location).await.map_err(refusal)
     }
 }
 
