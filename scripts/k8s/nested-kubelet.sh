@@ -58,8 +58,9 @@ else
     check pod-removed ok "no task left $((SECONDS - t2)) s after the manifest was removed"
 fi
 
-# The device plugin against this real kubelet, over the in-memory pool double (the daemon does
-# not implement the pool yet): real VFs of the emulated PF, bound to vfio-pci by hand here.
+# The device plugin against this real kubelet, over the in-memory pool double (the mem-plugin
+# example; `vfmap serve` with [kubernetes] is not run here yet, see docs/kubernetes.md): real
+# VFs of the emulated PF, bound to vfio-pci by hand here.
 plugin=${MEM_PLUGIN:-$REPO/.cache/k8s/target/debug/examples/mem-plugin}
 if [ -x "$plugin" ]; then
     cp "$plugin" /run/mem-plugin
