@@ -76,11 +76,11 @@ vm_sriov_nvme_pf() {
         -device "nvme,serial=deadbeef,subsys=subsys0,bus=$2,sriov_max_vfs=3,sriov_vq_flexible=6,sriov_vi_flexible=3,max_ioqpairs=8,msix_qsize=6")
 }
 
-# vm_agent_channel ARRAY SOCKET: the agent's channel, the virtio-serial port "vfmap", whose host
+# vm_agent_channel ARRAY SOCKET: the agent's channel, the virtio-serial port "org.vfmap.0", whose host
 # end is the unix socket SOCKET (QEMU listens, the daemon connects).
 vm_agent_channel() {
     local -n _vm_args=$1
     _vm_args+=(-device virtio-serial-pci
         -chardev "socket,id=vfmap,path=$2,server=on,wait=off"
-        -device virtserialport,chardev=vfmap,name=vfmap)
+        -device virtserialport,chardev=vfmap,name=org.vfmap.0)
 }

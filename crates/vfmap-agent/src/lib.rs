@@ -38,8 +38,9 @@ pub use uevent::Uevent;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The virtio-serial port's name (`name=` of the `virtserialport`).
-    pub port_name: String,
+    /// The virtio-serial port's name (`name=` of the `virtserialport`, or the virtio target
+    /// name of a libvirt channel). Unset: `org.vfmap.0`, or else the older `vfmap`.
+    pub port_name: Option<String>,
     /// Root of the guest's sysfs.
     pub sysfs_root: PathBuf,
     /// Where device nodes are (`/dev/vportNpM`).
@@ -59,7 +60,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            port_name: "vfmap".into(),
+            port_name: None,
             sysfs_root: "/sys".into(),
             dev_root: "/dev".into(),
             run_dir: "/run/vfmap".into(),
@@ -622,13 +623,34 @@ fn published_bdf(published: &Published) -> Option<Bdf> {
     published.guest_bdf.as_deref()?.parse().ok()
 }
 
-/// The device node of the virtio-serial port named `name`: the `vportNpM` directory under
-/// `<sysfs>/class/virtio-ports` whose `name` matches, under `dev_root`.
-pub fn find_port(sysfs_root: &Path, dev_root: &Path, name: &str) -> Option<PathBuf> {
-    let ports = fs::read_dir(sysfs_root.join("class/virtio-ports")).ok()?;
-    ports.flatten().find_map(|e| {
-        let port_name = fs::read_to_string(e.path().join("name")).ok()?;
-        (port_name.trim() == name).then(|| dev_root.join(e.file_name()))
+impl Config {
+    /// The port names the agent serves, in order of preference: the configured one, or the
+    /// default and then the legacy name.
+    pub fn port_names(&self) -> Vec<&str> {
+        match &self.port_name {
+            Some(name) => vec![name.as_str()],
+            None => vec![vfmap_core::DEFAULT_PORT_NAME, vfmap_core::LEGACY_PORT_NAME],
+        }
+    }
+}
+
+/// The device node of the virtio-serial port with the first of `names` that exists: the
+/// `vportNpM` directory under `<sysfs>/class/virtio-ports` whose `name` matches, under
+/// `dev_root`.
+pub fn find_port(sysfs_root: &Path, dev_root: &Path, names: &[&str]) -> Option<PathBuf> {
+    let ports: Vec<(String, PathBuf)> = fs::read_dir(sysfs_root.join("class/virtio-ports"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let port_name = fs::read_to_string(e.path().join("name")).ok()?;
+            Some((port_name.trim().to_owned(), dev_root.join(e.file_name())))
+        })
+        .collect();
+    names.iter().find_map(|name| {
+        ports
+            .iter()
+            .find(|(port_name, _)| port_name == name)
+            .map(|(_, node)| node.clone())
     })
 }
 

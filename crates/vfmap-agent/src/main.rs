@@ -163,11 +163,10 @@ fn main() -> ExitCode {
         }
     };
     let metadata_config = config.metadata.clone();
-    let (sysfs_root, dev_root, port_name) = (
-        config.sysfs_root.clone(),
-        config.dev_root.clone(),
-        config.port_name.clone(),
-    );
+    let (sysfs_root, dev_root) = (config.sysfs_root.clone(), config.dev_root.clone());
+    let port_names: Vec<String> = config.port_names().into_iter().map(String::from).collect();
+    let port_names: Vec<&str> = port_names.iter().map(String::as_str).collect();
+    let port_name = port_names.join(" or ");
     // Subscribed once, before anything is checked, for the agent's whole life.
     let events: Box<dyn DeviceEvents> = match UeventSocket::open() {
         Ok(socket) => Box::new(socket),
@@ -193,15 +192,15 @@ fn main() -> ExitCode {
     }
     let mut said_waiting = false;
     loop {
-        let Some(path) = find_port(&sysfs_root, &dev_root, &port_name) else {
+        let Some(path) = find_port(&sysfs_root, &dev_root, &port_names) else {
             if !said_waiting {
                 if metadata_config.is_some() {
                     say!(
-                        "vfmap-agent: no virtio-serial port {port_name:?}: serving the metadata's devices only; the port is used if it appears"
+                        "vfmap-agent: no virtio-serial port {port_name}: serving the metadata's devices only; the port is used if it appears"
                     );
                 } else {
                     say!(
-                        "vfmap-agent: waiting for virtio-serial port {port_name:?} (is virtio_console loaded?)"
+                        "vfmap-agent: waiting for virtio-serial port {port_name} (is virtio_console loaded?)"
                     );
                 }
                 said_waiting = true;

@@ -499,9 +499,28 @@ fn finds_its_port_by_name() {
     let g = guest();
     g.tree.add_virtio_port("vport0p1", "org.qemu.guest_agent.0");
     g.tree.add_virtio_port("vport0p2", "vfmap");
-    let found = find_port(g.tree.root(), Path::new("/dev"), "vfmap");
+    let found = find_port(g.tree.root(), Path::new("/dev"), &["vfmap"]);
     assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p2")));
-    assert_eq!(find_port(g.tree.root(), Path::new("/dev"), "other"), None);
+    assert_eq!(find_port(g.tree.root(), Path::new("/dev"), &["other"]), None);
+}
+
+/// Left at its default, the agent serves `org.vfmap.0` (the name libvirt domains use) and, in
+/// VMs started before that default, the older `vfmap`; the new name wins when both exist.
+#[test]
+fn its_default_port_is_org_vfmap_0_or_else_the_legacy_name() {
+    let defaults = Config::default();
+    assert_eq!(defaults.port_names(), ["org.vfmap.0", "vfmap"]);
+    let g = guest();
+    g.tree.add_virtio_port("vport0p1", "vfmap");
+    let root = g.tree.root();
+    let found = find_port(root, Path::new("/dev"), &defaults.port_names());
+    assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p1")));
+    g.tree.add_virtio_port("vport0p2", "org.vfmap.0");
+    let found = find_port(root, Path::new("/dev"), &defaults.port_names());
+    assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p2")));
+    let configured: Config = toml::from_str(r#"port_name = "vfmap""#).unwrap();
+    let found = find_port(root, Path::new("/dev"), &configured.port_names());
+    assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p1")), "a configured name only");
 }
 
 /// Without uevents (the fallback), the directory can be seen before its attributes.

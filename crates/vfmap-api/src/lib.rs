@@ -54,8 +54,8 @@ fn one() -> u32 {
     1
 }
 
-/// The default virtio port name of the agent's channel in a libvirt domain.
-pub const DEFAULT_PORT_NAME: &str = "org.vfmap.0";
+/// The default virtio port name of the agent's channel.
+pub use vfmap_core::DEFAULT_PORT_NAME;
 /// The default libvirt connection URI.
 pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 

@@ -30,3 +30,11 @@ pub use pool::{
 };
 pub use profile::{DriverName, FunctionDesc, FunctionName, ProfileError, Profiles};
 pub use tables::{Tables, VfEntry};
+
+/// The virtio-serial port name of the agent's channel, on both backends: the `name=` of QEMU's
+/// `virtserialport`, the `<target type='virtio' name=…>` of a libvirt channel, and the agent's
+/// default `port_name`. Reverse-DNS, as libvirt's own channels (`org.qemu.guest_agent.0`).
+pub const DEFAULT_PORT_NAME: &str = "org.vfmap.0";
+/// The port name vfmap used before [`DEFAULT_PORT_NAME`]: an agent left at its default still
+/// serves a port of this name, so VMs started with it keep working.
+pub const LEGACY_PORT_NAME: &str = "vfmap";

@@ -1,4 +1,4 @@
-# The agent VM: vfmap-agent serves the virtio-serial port "vfmap" (and, with [metadata] in its
+# The agent VM: vfmap-agent serves the virtio-serial port "org.vfmap.0" (and, with [metadata] in its
 # config, the config drive's devices); every second the guest's own view is printed for the
 # host test: devices.json and each PCI device's driver.
 set -eu

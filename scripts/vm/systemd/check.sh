@@ -145,7 +145,7 @@ check "[shipped] the journal shows no denial" sh -c "! denials"
 journalctl -u vfmap.service -o cat --no-pager | tail -n 5 | sed 's/^/        /'
 
 # The agent package in the same machine: enabled and started by its postinst, it must find
-# its port (name=vfmap) under its hardening and keep running.
+# its port (name=org.vfmap.0, its default) under its hardening and keep running.
 check "dpkg -i vfmap-agent: enabled and started" \
     bash -c "dpkg -i $AGENT_DEB && systemctl is-enabled --quiet vfmap-agent.service"
 for _ in $(seq 50); do

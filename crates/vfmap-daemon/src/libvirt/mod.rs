@@ -44,7 +44,18 @@ const REMOVAL_POLL: Duration = Duration::from_millis(50);
 pub struct Virsh {
     program: String,
     timeout: Duration,
-    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per VM: one operation at a time, and the last live XML read of its domain.
+    vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LastSeen>>>>>,
+}
+
+/// A domain's live XML as last read, kept so an attach needs one `virsh` run, not three: the
+/// root port's bus comes from it, and what libvirt reports after the attach is read in the
+/// same run. A stale copy costs nothing worse than a refusal checked against a fresh read, or
+/// a misplaced device the post-attach check catches (and the engine unplugs).
+#[derive(Debug)]
+struct LastSeen {
+    uri: String,
+    domain: Domain,
 }
 
 /// Where a libvirt VM is.
@@ -113,12 +124,12 @@ impl Virsh {
         Virsh {
             program: program.into(),
             timeout,
-            vm_locks: Mutex::new(HashMap::new()),
+            vms: Mutex::new(HashMap::new()),
         }
     }
 
-    fn vm_lock(&self, vm: &VmSpec) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+    fn vm_lock(&self, vm: &VmSpec) -> Arc<tokio::sync::Mutex<Option<LastSeen>>> {
+        let mut locks = self.vms.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(vm.name.to_string()).or_default().clone()
     }
 
@@ -129,6 +140,21 @@ impl Virsh {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<String, HypervisorError> {
+        let ran = self.spawn(target, args, stdin).await?;
+        if !ran.success {
+            return Err(classify(target, &ran.stderr));
+        }
+        Ok(ran.stdout)
+    }
+
+    /// Runs `virsh --connect URI ARGS...` with `stdin` to its end; its exit status and both
+    /// outputs (virsh runs every command of a `;` list and exits with the last one's status).
+    async fn spawn(
+        &self,
+        target: &Target<'_>,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Ran, HypervisorError> {
         let deadline = Instant::now() + self.timeout;
         let mut child = Command::new(&self.program)
             .arg("--quiet")
@@ -168,13 +194,14 @@ impl Virsh {
                 output.stdout.len()
             )));
         }
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let stderr = stderr.chars().take(2000).collect::<String>();
-            return Err(classify(target, &stderr));
-        }
-        String::from_utf8(output.stdout)
-            .map_err(|_| HypervisorError::Protocol(format!("{} wrote non-UTF-8", self.program)))
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Ok(Ran {
+            success: output.status.success(),
+            stdout: String::from_utf8(output.stdout).map_err(|_| {
+                HypervisorError::Protocol(format!("{} wrote non-UTF-8", self.program))
+            })?,
+            stderr: stderr.chars().take(2000).collect(),
+        })
     }
 
     /// The domain's live XML, read.
@@ -261,42 +288,64 @@ impl Virsh {
         let alias = alias_of(device_id)
             .ok_or_else(|| HypervisorError::Protocol(format!("bad device id {device_id:?}")))?;
         let lock = self.vm_lock(vm);
-        let _guard = lock.lock().await;
-        let live = self.running(&target).await?;
-        // The slot is checked from the live XML first, so an unknown or occupied root port is
-        // told apart structurally, not from the wording of an error.
-        let port = live
-            .root_port(slot.as_str())
-            .filter(|p| p.hotplug)
-            .ok_or_else(|| HypervisorError::SlotUnknown {
-                slot: slot.to_string(),
-            })?;
-        if let Some(occupant) = port.occupants.first() {
-            return Err(HypervisorError::SlotOccupied {
-                slot: slot.to_string(),
-                detail: format!("device {occupant} is plugged there"),
-            });
-        }
-        let bus = port.index;
-        let hostdev = xml::hostdev_xml(vf, &alias, bus);
+        let mut last_seen = lock.lock().await;
+        // The root port from the last live XML when it shows the slot free; otherwise read
+        // again, so that a refusal is always told from what libvirt says now.
+        let known = last_seen
+            .as_ref()
+            .filter(|seen| seen.uri == target.uri && seen.domain.name == target.domain)
+            .and_then(|seen| free_port(&seen.domain, slot).ok().map(|p| p.index));
+        let bus = match known {
+            Some(bus) => bus,
+            None => {
+                let live = self.running(&target).await?;
+                let bus = free_port(&live, slot)?.index;
+                *last_seen = Some(LastSeen {
+                    uri: target.uri.to_owned(),
+                    domain: live,
+                });
+                bus
+            }
+        };
         // The XML goes on stdin, read back through /proc: /dev/stdin is a link that udev or
-        // systemd makes, not the kernel, and minimal systems lack it.
-        let mut args = vec!["attach-device", target.domain, "/proc/self/fd/0"];
-        args.extend(Self::scope(&target));
-        self.run(&target, &args, Some(&hostdev)).await?;
-        // What libvirt reports now is what counts: the device must sit where it was put.
-        let after = self.running(&target).await?;
-        let placed = after.hostdev(&alias).and_then(|h| h.address);
-        if placed.map(|a| (a.bus, a.slot, a.function)) != Some((bus, 0, 0)) {
-            return Err(HypervisorError::Protocol(format!(
-                "after the attach, libvirt shows {alias} at {placed:?}, not on root port {slot} (bus {bus:#04x}) slot 0"
-            )));
+        // systemd makes, not the kernel, and minimal systems lack it. The live XML after the
+        // attach is read in the same virsh run.
+        let domain = virsh_quote(target.domain);
+        let script = format!(
+            "attach-device --domain {domain} --file /proc/self/fd/0 {}; dumpxml --domain {domain}",
+            Self::scope(&target).join(" ")
+        );
+        let hostdev = xml::hostdev_xml(vf, &alias, bus);
+        let ran = self.spawn(&target, &[&script], Some(&hostdev)).await?;
+        if !ran.success {
+            *last_seen = None;
+            return Err(classify(&target, &ran.stderr));
         }
-        after.guest_path(&alias).ok_or_else(|| {
-            HypervisorError::Protocol(format!(
-                "root port {slot} has no address on the root bus in the live XML"
-            ))
-        })
+        let after =
+            xml::parse(&ran.stdout).map_err(|e| HypervisorError::Protocol(e.to_string()))?;
+        let result = placed_at(&after, &alias, slot, bus).map_err(|placement| {
+            // Not there: the attach itself failed; say why from libvirt's words, or from the
+            // live XML when the port turned out not to be free after all.
+            if !after.active {
+                HypervisorError::DomainInactive {
+                    domain: target.domain.to_owned(),
+                    state: "shut off".into(),
+                }
+            } else if after.hostdev(&alias).is_some() {
+                placement
+            } else if let Err(e) = free_port(&after, slot) {
+                e
+            } else if ran.stderr.trim().is_empty() {
+                placement
+            } else {
+                classify(&target, &ran.stderr)
+            }
+        });
+        *last_seen = Some(LastSeen {
+            uri: target.uri.to_owned(),
+            domain: after,
+        });
+        result
     }
 
     async fn detach_libvirt(&self, vm: &VmSpec, device_id: &str) -> Result<(), HypervisorError> {
@@ -306,7 +355,8 @@ impl Virsh {
             return Ok(());
         };
         let lock = self.vm_lock(vm);
-        let _guard = lock.lock().await;
+        let mut last_seen = lock.lock().await;
+        *last_seen = None;
         let live = match self.running(&target).await {
             Err(e @ HypervisorError::DomainInactive { .. }) => {
                 // A stopped domain holds nothing live; a persistent one must not bring the
@@ -341,6 +391,10 @@ impl Virsh {
                 Err(e) => return Err(e),
             };
             if live.hostdev(&alias).is_none() {
+                *last_seen = Some(LastSeen {
+                    uri: target.uri.to_owned(),
+                    domain: live,
+                });
                 break;
             }
             if Instant::now() >= deadline {
@@ -369,9 +423,66 @@ impl Virsh {
     async fn plugged_libvirt(&self, vm: &VmSpec) -> Result<Vec<String>, HypervisorError> {
         let target = target(vm)?;
         let lock = self.vm_lock(vm);
-        let _guard = lock.lock().await;
-        Ok(self.running(&target).await?.device_ids())
+        let mut last_seen = lock.lock().await;
+        let live = self.running(&target).await?;
+        let ids = live.device_ids();
+        *last_seen = Some(LastSeen {
+            uri: target.uri.to_owned(),
+            domain: live,
+        });
+        Ok(ids)
     }
+}
+
+/// What one `virsh` run gave.
+struct Ran {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// A word quoted for virsh's own command-line parser (the `;`-separated list): single quotes,
+/// and a single quote inside as `'\''`, as in sh.
+fn virsh_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// The root port `slot` names, if it takes hot-plug and holds nothing; otherwise why not.
+fn free_port<'d>(domain: &'d Domain, slot: &SlotId) -> Result<&'d xml::RootPort, HypervisorError> {
+    let port = domain
+        .root_port(slot.as_str())
+        .filter(|p| p.hotplug)
+        .ok_or_else(|| HypervisorError::SlotUnknown {
+            slot: slot.to_string(),
+        })?;
+    match port.occupants.first() {
+        Some(occupant) => Err(HypervisorError::SlotOccupied {
+            slot: slot.to_string(),
+            detail: format!("device {occupant} is plugged there"),
+        }),
+        None => Ok(port),
+    }
+}
+
+/// The guest path of the hostdev `alias` in `domain`, if it sits at slot 0 behind root port
+/// `slot` (bus `bus`), where it was put.
+fn placed_at(
+    domain: &Domain,
+    alias: &str,
+    slot: &SlotId,
+    bus: u8,
+) -> Result<GuestPath, HypervisorError> {
+    let placed = domain.hostdev(alias).and_then(|h| h.address);
+    if placed.map(|a| (a.bus, a.slot, a.function)) != Some((bus, 0, 0)) {
+        return Err(HypervisorError::Protocol(format!(
+            "after the attach, libvirt shows {alias} at {placed:?}, not on root port {slot} (bus {bus:#04x}) slot 0"
+        )));
+    }
+    domain.guest_path(alias).ok_or_else(|| {
+        HypervisorError::Protocol(format!(
+            "root port {slot} has no address on the root bus in the live XML"
+        ))
+    })
 }
 
 impl Hypervisor for Virsh {
@@ -513,3 +624,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "adapter_tests.rs"]
+mod adapter_tests;

@@ -476,7 +476,7 @@ fn agent_check(vm: &str, path: &str, timeout: Duration) -> Check {
     let name = format!("vm:{vm}:agent");
     let fix = format!(
         "start QEMU with -chardev socket,id=vfmap0,path={path},server=on,wait=off -device \
-         virtio-serial -device virtserialport,chardev=vfmap0,name=vfmap"
+         virtio-serial -device virtserialport,chardev=vfmap0,name=org.vfmap.0"
     );
     match std::fs::symlink_metadata(path) {
         Err(e) => Check::error(name, format!("{path}: {e}"), fix),
