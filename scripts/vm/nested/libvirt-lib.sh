@@ -11,7 +11,6 @@
 # and no autostarted network. A sourced library: no shell options, no traps.
 LIBVIRT_URI=qemu:///system
 DOMAIN=inner
-LIBVIRT_AGENT_INITRD=$REPO/.cache/vm/agent-libvirt.cpio.gz
 virsh() { command virsh --quiet --connect "$LIBVIRT_URI" "$@"; }
 # The chroot is read-only: the clients' per-user directories go under $W.
 export XDG_CACHE_HOME=$W/xdg/cache XDG_CONFIG_HOME=$W/xdg/config XDG_RUNTIME_DIR=$W/xdg/run
@@ -57,7 +56,7 @@ stop_libvirtd() {
 domain_xml() {
     sed -e "s|<name>vfmap-example</name>|<name>$DOMAIN</name>|" \
         -e "s|<kernel>.*</kernel>|<kernel>/boot/vmlinuz-$KVER</kernel>|" \
-        -e "s|<initrd>.*</initrd>|<initrd>$LIBVIRT_AGENT_INITRD</initrd>|" \
+        -e "s|<initrd>.*</initrd>|<initrd>$AGENT_INITRD</initrd>|" \
         -e "s|<cmdline>.*</cmdline>|<cmdline>console=ttyS0 quiet loglevel=3 panic=-1 vfmap.mode=agent ${1:-}</cmdline>|" \
         -e "s|path='/run/vfmap/vfmap-example.agent'|path='$W/inner.agent'|" \
         -e "s|<serial type='pty'>|<serial type='file'><source path='$W/inner.console'/>|" \

@@ -114,34 +114,52 @@ else
 fi
 grep -q "VF reset vf=0000:01:00.2" "$W/daemon.log" && check detach-reset ok "reset through sysfs" || check detach-reset FAIL "no reset logged"
 
-step "kill -9 of the daemon in the middle of an attach, then restart"
-kill -9 "$DAEMON" || check daemon-alive FAIL "the daemon had stopped by itself"
-wait "$DAEMON" 2> /dev/null || :
-if start_daemon VFMAP_FAILPOINT=plugged; then
-    if vfmap attach inner crypto > /dev/null 2>&1; then
-        check failpoint FAIL "the attach completed: the daemon did not stop at plugged"
-    fi
-    rc=0
-    wait "$DAEMON" 2> /dev/null || rc=$?
-    [ "$rc" != 0 ] && check failpoint ok "the daemon died mid-attach (status $rc)" ||
-        check failpoint FAIL "the daemon exited 0"
-else
-    check failpoint FAIL "the daemon with the failpoint did not start"
-    kill -9 "$DAEMON" 2> /dev/null || :
+# kill -9 at each step an attach or a detach commits (VFMAP_FAILPOINT aborts right after the
+# commit), then a restart: recovery completes or rolls back, and vfmap, the live XML and the
+# guest agree, with nothing left in flight.
+crypto_index() { vfmap --json status inner | jq -r '.correspondence[] | select(.function == "crypto") | .local_index'; }
+for fp in host_bound plugged sent releasing; do
+    [ $fp = releasing ] && what="a detach" || what="an attach"
+    step "kill -9 of the daemon at '$fp' (in $what), then restart"
+    kill -9 "$DAEMON" 2> /dev/null || check daemon-alive-$fp FAIL "the daemon had stopped by itself"
     wait "$DAEMON" 2> /dev/null || :
-fi
-start_daemon && check restart ok "" || check restart FAIL ""
-agree recovered-vs-virsh
-if wait_guest_vfs 60 0000:02:00.0=nvme 0000:04:00.0=uio_pci_generic; then
-    check recovered-vs-guest ok "$(guest_vfs | tr '\n' ' ')"
-else
-    check recovered-vs-guest FAIL "$(guest_vfs | tr '\n' ' ')"
-fi
-if status=$(vfmap --json status inner) && jq -e 'all(.correspondence[]; .state == "ready")' <<< "$status" > /dev/null; then
-    check recovered-nothing-in-flight ok ""
-else
-    check recovered-nothing-in-flight FAIL "in-flight state left: ${status:-vfmap status failed}"
-fi
+    if start_daemon VFMAP_FAILPOINT=$fp; then
+        if [ $fp = releasing ]; then
+            [ -n "$(crypto_index)" ] || vfmap attach inner crypto > /dev/null 2>&1 ||
+                check failpoint-$fp FAIL "the attach before the detach failed"
+            vfmap detach inner "$(crypto_index)" > /dev/null 2>&1 &&
+                check failpoint-$fp FAIL "the detach completed: the daemon did not stop at $fp"
+        else
+            vfmap attach inner crypto > /dev/null 2>&1 &&
+                check failpoint-$fp FAIL "the attach completed: the daemon did not stop at $fp"
+        fi
+        rc=0
+        wait "$DAEMON" 2> /dev/null || rc=$?
+        [ "$rc" != 0 ] && check failpoint-$fp ok "the daemon died at $fp (status $rc)" ||
+            check failpoint-$fp FAIL "the daemon exited 0"
+    else
+        check failpoint-$fp FAIL "the daemon with the failpoint did not start"
+        kill -9 "$DAEMON" 2> /dev/null || :
+        wait "$DAEMON" 2> /dev/null || :
+    fi
+    start_daemon && check restart-$fp ok "" || check restart-$fp FAIL ""
+    agree recovered-$fp-vs-virsh
+    if status=$(vfmap --json status inner) && jq -e 'all(.correspondence[]; .state == "ready")' <<< "$status" > /dev/null; then
+        check recovered-$fp-nothing-in-flight ok "$(jq -c '[.correspondence[] | .function]' <<< "$status")"
+    else
+        check recovered-$fp-nothing-in-flight FAIL "in-flight state left: ${status:-vfmap status failed}"
+    fi
+    # The guest holds what vfmap says: storage and compress, and crypto if recovery completed.
+    want=(0000:02:00.0=nvme 0000:04:00.0=uio_pci_generic)
+    [ -n "$(crypto_index)" ] && want+=(0000:03:00.0=pci-stub)
+    if wait_guest_vfs 60 "${want[@]}"; then
+        check recovered-$fp-vs-guest ok "$(guest_vfs | tr '\n' ' ')"
+    else
+        check recovered-$fp-vs-guest FAIL "$(guest_vfs | tr '\n' ' '), vfmap: ${want[*]}"
+    fi
+done
+# Back to storage and compress only, for what follows.
+[ -z "$(crypto_index)" ] || vfmap detach inner "$(crypto_index)" > /dev/null || check detach-crypto FAIL ""
 
 step "restarting libvirtd while idle"
 before=$(status_devices)

@@ -304,6 +304,9 @@ impl Engine {
     /// A VM its manager no longer defines is forgotten, after its VFs are released.
     pub(super) async fn vm_undefined(&self, vm: &VmSpec, why: &str) {
         info!(vm = %vm.name, why = %why, "the VM is no longer defined; forgetting it");
+        // Its VFs first, as for a stopped VM: no agent to tell (waiting for one would take the
+        // whole agent timeout per VF) and nothing plugged.
+        self.vm_stopped(vm, why).await;
         if let Err(e) = self.remove_vm(vm.name.as_str()).await {
             warn!(vm = %vm.name, error = %chain(&e), "could not forget the VM yet; retried at the next check");
         }
