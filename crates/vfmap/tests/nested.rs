@@ -1,21 +1,29 @@
-//! The whole mechanism with nothing faked (`scripts/vm/nested/scenario.sh`): an outer QEMU
-//! guest's real kernel owns an emulated NVMe SR-IOV PF behind an intel-iommu; the real
-//! `vfmap serve` runs on that kernel's /sys, creates the VFs and binds them to vfio-pci; an inner
-//! QEMU (from this machine's root, shared over 9p) gets one real VF per function through
-//! vfio-pci over QMP; the real `vfmap-agent` in it binds nvme, pci-stub and uio_pci_generic to
-//! the three same-ID VFs. Then a detach and a kill -9 mid-attach. About 3 minutes under TCG.
-//! The libvirt scenario does the same through a real libvirtd (ignored for now: see below).
+//! The whole mechanism with nothing faked, in one boot of an outer QEMU guest whose real kernel
+//! owns an emulated NVMe SR-IOV PF behind an intel-iommu, where the real `vfmap serve` creates
+//! the VFs and binds them to vfio-pci. Two scenarios run there, one after the other:
+//! - over QMP (`scripts/vm/nested/scenario.sh`): an inner QEMU (from this machine's root,
+//!   shared over 9p) gets one real VF per function through vfio-pci; the real `vfmap-agent` in
+//!   it binds nvme, pci-stub and uio_pci_generic to the three same-ID VFs; then a detach and a
+//!   kill -9 mid-attach;
+//! - through a real libvirtd (`scripts/vm/nested/libvirt.sh`): the inner VM is a domain of
+//!   examples/libvirt-domain.xml, registered by name; the same three drivers, then wrong
+//!   registrations, a detach, kill -9 at each attach and detach step, a libvirtd restart, the
+//!   domain destroyed (its VFs come back by themselves), started again, and undefined
+//!   (forgotten).
+//!
+//! About 12 minutes under TCG (the libvirt domain boots twice).
 
 mod common;
 
 use std::process::Command;
 
 #[test]
-fn real_vfs_through_vfio_into_a_real_vm_get_their_functions_drivers() {
-    run_nested(
-        "nested",
-        "agent.cpio.gz",
-        &[],
+fn real_vfs_reach_real_vms_over_qmp_and_through_a_real_libvirtd() {
+    let Some(run) = run_nested("nested-all", 2400) else {
+        return;
+    };
+    run.check_scenario(
+        "scenario",
         &[
             "guest-drivers",
             "detach-guest",
@@ -24,47 +32,82 @@ fn real_vfs_through_vfio_into_a_real_vm_get_their_functions_drivers() {
             "recovered-vs-guest",
         ],
     );
+    let mut libvirt = vec![
+        "vm-add",
+        "vm-add-refused-nothing",
+        "guest-drivers",
+        "attached-vs-virsh",
+        "detach-guest",
+        "detach-virsh",
+        "detach-host",
+        "libvirtd-restart-status",
+        "destroyed-pool",
+        "attach-after-domain-restart",
+        "undefined-forgotten",
+    ];
+    let steps = ["host_bound", "plugged", "sent", "releasing"];
+    let recovered: Vec<String> = steps
+        .iter()
+        .flat_map(|fp| {
+            ["vs-virsh", "vs-guest", "nothing-in-flight"].map(|c| format!("recovered-{fp}-{c}"))
+        })
+        .collect();
+    libvirt.extend(recovered.iter().map(String::as_str));
+    run.check_scenario("libvirt", &libvirt);
 }
 
-/// The same through a real libvirtd (`scripts/vm/nested/libvirt.sh`): the inner VM is a
-/// domain of examples/libvirt-domain.xml, registered by name; then wrong registrations, a
-/// detach, a kill -9 mid-attach, a libvirtd restart, the domain destroyed (its VFs come back
-/// by themselves), started again, and undefined (forgotten). About 10 minutes under TCG, so
-/// not in `scripts/test` yet: `cargo test -p vfmap --test nested -- --ignored libvirt`.
-#[test]
-#[ignore = "about 10 minutes; run by hand until it has a place in the CI time budget"]
-fn a_libvirt_domain_gets_real_vfs_through_a_real_libvirtd() {
-    run_nested(
-        "nested-libvirt",
-        "agent-libvirt.cpio.gz",
-        &["scripts/vm/nested/agent-libvirt.toml:/etc/vfmap/agent.toml"],
-        &[
-            "vm-add",
-            "vm-add-refused-nothing",
-            "guest-drivers",
-            "attached-vs-virsh",
-            "detach-guest",
-            "detach-virsh",
-            "detach-host",
-            "recovered-vs-virsh",
-            "recovered-vs-guest",
-            "libvirtd-restart-status",
-            "destroyed-pool",
-            "attach-after-domain-restart",
-            "undefined-forgotten",
-        ],
-    );
+/// An outer guest's console, saved to its log.
+struct NestedRun {
+    console: String,
+    log: std::path::PathBuf,
 }
 
-/// Runs the outer guest in `mode` with the agent image `agent_image` (the static agent plus
-/// `extra` files, `SRC:DEST` with SRC relative to the repository) and checks its verdict:
-/// no check failed, each of `required` ran and passed, and the scenario passed.
-fn run_nested(mode: &str, agent_image: &str, extra: &[&str], required: &[&str]) {
+impl NestedRun {
+    /// The part of the console that scenario `name` wrote (after its `VFMAP-SCENARIO` line),
+    /// checked: no check failed, each of `required` ran and passed, and the scenario passed.
+    fn check_scenario(&self, name: &str, required: &[&str]) {
+        let log = self.log.display();
+        let marker = format!("VFMAP-SCENARIO {name}\n");
+        let part = self
+            .console
+            .split_once(&marker)
+            .map(|(_, rest)| rest.split("VFMAP-SCENARIO ").next().unwrap_or(rest))
+            .unwrap_or_else(|| panic!("scenario {name} did not run; console log: {log}"));
+        let checks: Vec<&str> = part
+            .lines()
+            .filter(|l| l.starts_with("VFMAP-CHECK "))
+            .collect();
+        let failed: Vec<&&str> = checks
+            .iter()
+            .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{name}: failed checks: {failed:#?}; console log: {log}"
+        );
+        for check in required {
+            assert!(
+                checks
+                    .iter()
+                    .any(|l| l.starts_with(&format!("VFMAP-CHECK {check} ok"))),
+                "{name}: check {check} did not run; console log: {log}"
+            );
+        }
+        assert!(
+            part.contains("VFMAP-RESULT PASS"),
+            "{name}: no VFMAP-RESULT PASS; console log: {log}"
+        );
+    }
+}
+
+/// Boots the outer guest in `mode` (at most `limit` seconds) with the static agent's image;
+/// `None` when the test is skipped.
+fn run_nested(mode: &str, limit: u32) -> Option<NestedRun> {
     let (Some(vfmap), Some(agent)) = (
         common::require_guest_binary("vfmap"),
         common::require_guest_binary("vfmap-agent"),
     ) else {
-        return;
+        return None;
     };
     for tool in ["nvme", "socat"] {
         if Command::new(tool).arg("--version").output().is_err() {
@@ -74,7 +117,7 @@ fn run_nested(mode: &str, agent_image: &str, extra: &[&str], required: &[&str]) 
                 "VFMAP_REQUIRE_VM is set but {why}"
             );
             eprintln!("skipped: {why}");
-            return;
+            return None;
         }
     }
     // The scenario runs the static binaries from the repository's target directory.
@@ -87,9 +130,8 @@ fn run_nested(mode: &str, agent_image: &str, extra: &[&str], required: &[&str]) 
     );
     let root = common::repo_root();
     let cache = root.join(".cache/vm");
-    let mut agent_files = vec![format!("{}:/bin/vfmap-agent", agent.display())];
-    agent_files.extend(extra.iter().map(|e| format!("{}/{e}", root.display())));
-    for (image, files) in [(agent_image, agent_files), ("nested.cpio.gz", Vec::new())] {
+    let agent_files = vec![format!("{}:/bin/vfmap-agent", agent.display())];
+    for (image, files) in [("agent.cpio.gz", agent_files), ("nested.cpio.gz", Vec::new())] {
         let status = Command::new(root.join("scripts/vm/build-initramfs"))
             .arg(cache.join(image))
             .args(files)
@@ -101,37 +143,10 @@ fn run_nested(mode: &str, agent_image: &str, extra: &[&str], required: &[&str]) 
         common::Guarded::command(root.join("scripts/vm/run-nested-host"))
             .arg(cache.join("nested.cpio.gz"))
             .arg(mode)
-            // The time limit of the outer guest: the libvirt scenario boots its domain twice.
-            .arg(if mode == "nested" { "900" } else { "2400" }),
+            .arg(limit.to_string()),
     );
     let console = String::from_utf8_lossy(&output.stdout).replace('\r', "");
     let log = cache.join(format!("{mode}.console.log"));
     std::fs::write(&log, &console).unwrap();
-    let checks: Vec<&str> = console
-        .lines()
-        .filter(|l| l.starts_with("VFMAP-CHECK "))
-        .collect();
-    let failed: Vec<&&str> = checks
-        .iter()
-        .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "failed checks: {failed:#?}; console log: {}",
-        log.display()
-    );
-    for name in required {
-        assert!(
-            checks
-                .iter()
-                .any(|l| l.starts_with(&format!("VFMAP-CHECK {name} ok"))),
-            "check {name} did not run; console log: {}",
-            log.display()
-        );
-    }
-    assert!(
-        console.contains("VFMAP-RESULT PASS"),
-        "console log: {}",
-        log.display()
-    );
+    Some(NestedRun { console, log })
 }

@@ -20,4 +20,16 @@ rounds=$(sed -n 's/.*vfmap\.rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
 agents=$(sed -n 's/.*vfmap\.agents=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 # vfmap.bin=PATH (scripts/bench-nested --vfmap-at): the vfmap binary to run, for lib.sh.
 vfmap_bin=$(sed -n 's/.*vfmap\.bin=\([^ ]*\).*/\1/p' /proc/cmdline)
-VFMAP_BIN=$vfmap_bin VFMAP_BENCH_AGENTS=$agents chroot /host /bin/bash "$repo/scripts/vm/nested/${NESTED_SCRIPT:-scenario.sh}" "$repo" ${rounds:-5}
+# NESTED_SCRIPTS (nested-all.sh): several scenarios in this one boot, in order, each in its own
+# working directory after a "VFMAP-SCENARIO NAME" line; all run, and any failure fails.
+rc=0
+for script in ${NESTED_SCRIPTS:-${NESTED_SCRIPT:-scenario.sh}}; do
+    w=/run/vfmap-nested
+    if [ -n "${NESTED_SCRIPTS:-}" ]; then
+        echo "VFMAP-SCENARIO ${script%.sh}"
+        w=$w-${script%.sh}
+    fi
+    VFMAP_NESTED_W=$w VFMAP_BIN=$vfmap_bin VFMAP_BENCH_AGENTS=$agents \
+        chroot /host /bin/bash "$repo/scripts/vm/nested/$script" "$repo" ${rounds:-5} || rc=$?
+done
+exit $rc

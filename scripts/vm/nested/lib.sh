@@ -6,7 +6,8 @@
 # source it run under `set -Eeuo pipefail` with the traps described at report_unfinished;
 # everything here works under those options.
 . "$REPO/scripts/vm/common.sh"
-W=/run/vfmap-nested
+# The working directory: VFMAP_NESTED_W when the outer guest runs several scenarios in one boot.
+W=${VFMAP_NESTED_W:-/run/vfmap-nested}
 export TMPDIR=$W
 mkdir -p "$W"
 # The vfmap binary (CLI and daemon): VFMAP_BIN if set (scripts/bench-nested --vfmap-at), else
@@ -44,12 +45,22 @@ result() {
 # For the scripts' traps, `trap 'error_at="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR`
 # and `trap report_unfinished EXIT`: a script that `set -e` stopped before its result says
 # which command failed, and fails.
+# Either way, what the script started in the background (daemon, QEMU, libvirtd) is stopped,
+# so a scenario that runs next in the same guest starts clean.
 report_unfinished() {
     local rc=$?
+    stop_children
     [ -n "$result" ] && exit "$rc"
     check script FAIL "stopped (exit status $rc) at ${error_at:-an unknown command}"
     result
     exit $((rc ? rc : 1))
+}
+stop_children() {
+    local jobs
+    jobs=$(jobs -p)
+    [ -z "$jobs" ] && return 0
+    kill -9 $jobs 2> /dev/null || :
+    wait $jobs 2> /dev/null || :
 }
 vfmap() { "$VFMAP" --socket "$API" "$@"; }
 
@@ -142,7 +153,11 @@ TOML
 
 
 # Brings the emulated VFs' NVMe secondary controllers online (card-specific bring-up).
+# Once per boot (a mark under /run): virt-mgmt on a controller that is online fails, and a
+# second scenario in the same guest finds them online.
 controllers_online() {
+    [ -e /run/vfmap-controllers-online ] && return 0
+    touch /run/vfmap-controllers-online
     for c in 1 2 3; do
         nvme virt-mgmt /dev/nvme0 -c $c -r 0 -a 8 -n 2 > /dev/null &&
             nvme virt-mgmt /dev/nvme0 -c $c -r 1 -a 8 -n 1 > /dev/null &&
