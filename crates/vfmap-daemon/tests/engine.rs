@@ -24,6 +24,8 @@ struct FakeHv {
     fail_detach: Mutex<bool>,
     /// What `plugged` answers instead of the list, when set.
     plugged_error: Mutex<Option<HypervisorError>>,
+    /// How long `plugged` takes to answer.
+    plugged_delay: Mutex<Duration>,
 }
 
 impl Hypervisor for FakeHv {
@@ -76,6 +78,8 @@ impl Hypervisor for FakeHv {
         vm: &'a VmSpec,
     ) -> BoxFuture<'a, Result<Vec<String>, HypervisorError>> {
         Box::pin(async move {
+            let delay = *self.plugged_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             if let Some(e) = self.plugged_error.lock().unwrap().clone() {
                 return Err(e);
             }
@@ -603,6 +607,30 @@ async fn a_restart_that_cannot_ask_the_hypervisor_turns_unfinished_attaches_into
     *rig.hv.plugged_error.lock().unwrap() = None;
     engine.detach("web", LocalIndex::new(0)).await.unwrap();
     assert_eq!(free(&engine, "crypto"), 2);
+}
+
+#[tokio::test]
+async fn recovery_asks_every_vm_at_once_so_a_slow_hypervisor_does_not_hold_the_others_back() {
+    let rig = Rig::new();
+    {
+        let engine = rig.engine().await;
+        for (name, function) in [("a", "crypto"), ("b", "crypto"), ("c", "compress")] {
+            engine.add_vm(vm(name)).await.unwrap();
+            engine.attach(request(name, function, 1)).await.unwrap();
+        }
+    }
+    *rig.hv.plugged_delay.lock().unwrap() = Duration::from_millis(600);
+    let engine = rig.engine().await;
+    let started = std::time::Instant::now();
+    engine.recover().await.unwrap();
+    let took = started.elapsed();
+    // One after another would take 3 x 600 ms.
+    assert!(took < Duration::from_millis(1500), "recovery took {took:?}");
+    for name in ["a", "b", "c"] {
+        let view = engine.vm_view(name).unwrap();
+        assert_eq!(view.correspondence.len(), 1, "{name} kept its VF");
+        assert_eq!(view.correspondence[0].state, AssignState::Ready);
+    }
 }
 
 #[tokio::test]
