@@ -141,7 +141,7 @@ pub enum StepError {
     /// Recording the step failed.
     #[error("recording the step failed")]
     State(#[source] Box<EngineError>),
-    /// Not tried: another VF of the request failed first.
+    /// Another VF of the request failed; this one was rolled back with it.
     #[error("another VF of the request failed")]
     Sibling,
     /// The daemon restarted in the middle (recovery).
@@ -202,6 +202,19 @@ pub enum ReleaseError {
 fn failpoint(state: &str) {
     if std::env::var("VFMAP_FAILPOINT").is_ok_and(|v| v == state) {
         eprintln!("vfmap: failpoint {state}: aborting");
+        std::process::abort();
+    }
+}
+
+/// [`failpoint`] for a step repeated per VF of a request: `VFMAP_FAILPOINT=<step>` aborts
+/// after its first time, `<step>:<n>` after its `n`-th.
+fn failpoint_nth(step: &str, n: usize) {
+    let hit = std::env::var("VFMAP_FAILPOINT").is_ok_and(|v| match v.split_once(':') {
+        Some((name, k)) => name == step && k.parse() == Ok(n),
+        None => v == step && n == 1,
+    });
+    if hit {
+        eprintln!("vfmap: failpoint {step}:{n}: aborting");
         std::process::abort();
     }
 }
@@ -412,41 +425,6 @@ impl Engine {
                 Err(error.into())
             }
         }
-    }
-
-    async fn set_state(
-        &self,
-        a: &Assignment,
-        state: AssignState,
-        detail: Option<Detail>,
-    ) -> Result<(), EngineError> {
-        self.set_states(a, &[state], detail).await
-    }
-
-    /// Moves an assignment through consecutive states in one commit. Only for steps with no
-    /// side effect between them: the last state is durable before the next side effect.
-    async fn set_states(
-        &self,
-        a: &Assignment,
-        states: &[AssignState],
-        detail: Option<Detail>,
-    ) -> Result<(), EngineError> {
-        self.commit(|s| {
-            let mut m: Vec<Mutation> = s
-                .pool
-                .plan_advance(a.global_index, states)?
-                .into_iter()
-                .map(Mutation::Pool)
-                .collect();
-            m.extend(detail.map(|d| Mutation::Detail(a.global_index, d)));
-            Ok(m)
-        })
-        .await?;
-        for state in states {
-            info!(vm = %a.vm, local_index = %a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
-            failpoint(state.as_str());
-        }
-        Ok(())
     }
 
     /// The `backend` label of a VM's operations (`qmp` for an unknown VM).

@@ -575,7 +575,7 @@ async fn a_failed_vf_releases_the_rest_of_its_request() {
     assert_eq!(
         rig.agent.seen.lock().unwrap().len(),
         1,
-        "the second VF was never plugged"
+        "one correspondence for the whole request"
     );
     engine.check().unwrap();
 }

@@ -1,11 +1,42 @@
-//! Attach: reserve → host bound → plugged → sent → ready, rolling back on any failure.
+//! Attach, pipelined per request: reserve → host bind all → plug all in order → one
+//! correspondence with every entry → one answer → ready, all or nothing.
+//!
+//! A request of N VFs costs one commit per step (not per VF), N hypervisor commands in order
+//! and one agent round trip. Every step's state is durable before the next side effect, so a
+//! crash between any two steps is recovered (`Engine::recover` rolls back what is not
+//! `ready`, unplugging what the hypervisor lists); the failpoints are, in order: `reserved`,
+//! `host_bound`, `device_added` (after the first device_add of the request; `device_added:K`
+//! after the K-th), `plugged` and `sent` (one commit), `answered` (the agent answered, nothing
+//! committed yet) and `ready`.
+//!
+//! Nothing here holds a lock across an await: the state mutex is taken only to plan a commit
+//! or read, the store groups the commits of concurrent requests, and the adapters serialise
+//! per VM (QMP, libvirt) or keep one link per VM (the guest channel). So one VM's slow
+//! hot-plug or agent delays only that VM's requests.
 
 use super::*;
 
+/// A VF of a request and how far its attach went.
+struct InFlight<'r> {
+    a: &'r Assignment,
+    /// The function's guest driver, which the agent must answer with.
+    guest_driver: Option<DriverName>,
+    /// The function's host driver.
+    host_driver: Option<DriverName>,
+    /// Whether the VF may be in the VM: from its device_add on (a failed device_add may still
+    /// have left the device half-added, so the rollback unplugs it to be sure).
+    maybe_plugged: bool,
+    /// Its detail so far (guest path, then what the agent bound).
+    detail: Detail,
+}
+
+/// The VFs of a request whose own step failed, by position in the request.
+type StepFailures = Vec<(usize, StepError)>;
+
 impl Engine {
-    /// Serves a request: reserves VFs and local indexes, then plugs each and has the agent bind
-    /// its driver. All or nothing: if one VF fails, the others of the request are released.
-    /// Timed (`vfmap_attach_duration_seconds`).
+    /// Serves a request: reserves VFs and local indexes, plugs them all and has the agent bind
+    /// their drivers in one round trip. All or nothing: if one VF fails, every VF of the
+    /// request is rolled back. Timed (`vfmap_attach_duration_seconds`).
     pub async fn attach(
         &self,
         request: Request,
@@ -34,25 +65,24 @@ impl Engine {
             info!(vm = %a.vm, local_index = %a.local_index, vf = %a.location, function = %a.function, "assignment reserved");
         }
         failpoint("reserved");
-        let mut done = Vec::new();
-        let mut failures: Vec<VfFailure> = Vec::new();
-        for a in &reserved {
-            if !failures.is_empty() {
-                // All or nothing: once one VF failed, the untried ones are just freed.
-                let _ = self.roll_back(&spec, a, false, StepError::Sibling).await;
-                continue;
-            }
-            match self.attach_one(&spec, a).await {
-                Ok(()) => done.push(a.clone()),
-                Err(failure) => failures.push(failure),
-            }
-        }
-        if !failures.is_empty() {
-            for a in &done {
-                if let Err(e) = self.detach(spec.name.as_str(), a.local_index).await {
-                    warn!(error = %chain(&e), "releasing a sibling of a failed attach");
-                }
-            }
+        let mut vfs: Vec<InFlight<'_>> = {
+            let state = self.lock();
+            reserved
+                .iter()
+                .map(|a| {
+                    let vf = state.pool.vf(a.global_index);
+                    InFlight {
+                        a,
+                        guest_driver: vf.and_then(|v| v.guest_driver.clone()),
+                        host_driver: vf.and_then(|v| v.host_driver.clone()),
+                        maybe_plugged: false,
+                        detail: Detail::default(),
+                    }
+                })
+                .collect()
+        };
+        if let Err(failed) = self.attach_steps(&spec, &mut vfs).await {
+            let failures = self.roll_back_request(&spec, &vfs, failed).await;
             return Err(EngineError::AttachFailed {
                 vm: spec.name.to_string(),
                 function: request.function,
@@ -67,101 +97,155 @@ impl Engine {
             .collect())
     }
 
-    /// Host bind → plug → send → ready; on any failure, rolls back and says why.
-    pub(super) async fn attach_one(&self, vm: &VmSpec, a: &Assignment) -> Result<(), VfFailure> {
-        // Whether the VF may be in the VM when a step fails: from the device_add on.
-        let mut maybe_plugged = false;
-        match self.attach_steps(vm, a, &mut maybe_plugged).await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(self.roll_back(vm, a, maybe_plugged, error).await),
-        }
-    }
-
+    /// Host bind all → plug all in order → send once → ready, each step one commit.
     async fn attach_steps(
         &self,
         vm: &VmSpec,
-        a: &Assignment,
-        maybe_plugged: &mut bool,
-    ) -> Result<(), StepError> {
-        let (host_driver, guest_driver) = {
-            let state = self.lock();
-            let vf = state.pool.vf(a.global_index);
-            (
-                vf.and_then(|v| v.host_driver.clone()),
-                vf.and_then(|v| v.guest_driver.clone()),
-            )
-        };
-        let (Some(host_driver), Some(guest_driver)) = (host_driver, guest_driver) else {
-            return Err(StepError::NoDrivers);
-        };
+        vfs: &mut [InFlight<'_>],
+    ) -> Result<(), StepFailures> {
+        let mut binds = Vec::with_capacity(vfs.len());
+        for (i, vf) in vfs.iter().enumerate() {
+            match (&vf.host_driver, &vf.guest_driver) {
+                (Some(host), Some(_)) => binds.push((vf.a.location, host.clone())),
+                _ => return Err(vec![(i, StepError::NoDrivers)]),
+            }
+        }
         let host = self.adapters.host.clone();
-        let location = a.location;
-        tokio::task::spawn_blocking(move || host.bind(location, &host_driver))
-            .await
-            .unwrap_or(Err(HostError::Stopped { vf: location }))?;
-        self.set_state(a, AssignState::HostBound, None)
-            .await
-            .map_err(StepError::state)?;
-        let slot = vm
-            .slots
-            .get(a.local_index.slot())
-            .ok_or(StepError::NoSlot)?;
-        // A failed device_add may still have left the device half-added: unplug to be sure.
-        *maybe_plugged = true;
-        let path = self
-            .adapters
-            .hypervisor
-            .attach(vm, slot, &device_id(a.global_index), a.location)
-            .await?;
-        let detail = Detail {
-            guest_path: Some(path),
-            ..Detail::default()
-        };
-        // Plugged and sent in one commit: nothing happens between them, and "sent" is
-        // durable before the agent hears anything.
-        self.set_states(
-            a,
-            &[AssignState::Plugged, AssignState::Sent],
-            Some(detail.clone()),
-        )
+        let bound = tokio::task::spawn_blocking(move || {
+            for (i, (location, driver)) in binds.iter().enumerate() {
+                host.bind(*location, driver).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        })
         .await
-        .map_err(StepError::state)?;
+        .unwrap_or_else(|_| {
+            Err((
+                0,
+                HostError::Stopped {
+                    vf: vfs[0].a.location,
+                },
+            ))
+        });
+        bound.map_err(|(i, e)| vec![(i, StepError::Host(e))])?;
+        self.advance_all(vfs, &[AssignState::HostBound], false)
+            .await
+            .map_err(|e| vec![(0, StepError::state(e))])?;
+
+        for (i, vf) in vfs.iter_mut().enumerate() {
+            let a = vf.a;
+            let slot = vm
+                .slots
+                .get(a.local_index.slot())
+                .ok_or_else(|| vec![(i, StepError::NoSlot)])?;
+            vf.maybe_plugged = true;
+            let path = self
+                .adapters
+                .hypervisor
+                .attach(vm, slot, &device_id(a.global_index), a.location)
+                .await
+                .map_err(|e| vec![(i, StepError::Hypervisor(e))])?;
+            info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, path = %path, "device added");
+            vf.detail.guest_path = Some(path);
+            failpoint_nth("device_added", i + 1);
+        }
+        // Plugged and sent in one commit for the whole request: nothing happens between them,
+        // and "sent" is durable before the agent hears anything.
+        self.advance_all(vfs, &[AssignState::Plugged, AssignState::Sent], true)
+            .await
+            .map_err(|e| vec![(0, StepError::state(e))])?;
+
         let answers = self
             .adapters
             .channel
             .apply(vm, self.entries(vm), self.adapters.agent_deadline)
-            .await?;
-        let answer = answers
-            .into_iter()
-            .find(|x| x.local_index() == a.local_index);
-        match answer {
-            Some(Answer::Bound {
-                driver, guest_bdf, ..
-            }) if driver == guest_driver => {
-                let detail = Detail {
-                    guest_bdf: Some(guest_bdf),
-                    guest_driver: Some(driver),
-                    ..detail
-                };
-                self.set_state(a, AssignState::Ready, Some(detail))
-                    .await
-                    .map_err(StepError::state)
+            .await
+            .map_err(|e| {
+                (0..vfs.len())
+                    .map(|i| (i, StepError::Channel(e.clone())))
+                    .collect::<Vec<_>>()
+            })?;
+        let mut failed = Vec::new();
+        for (i, vf) in vfs.iter_mut().enumerate() {
+            match check_answer(vf, &answers) {
+                Ok((driver, guest_bdf)) => {
+                    vf.detail.guest_bdf = Some(guest_bdf);
+                    vf.detail.guest_driver = Some(driver);
+                }
+                Err(e) => failed.push((i, e.into())),
             }
-            Some(Answer::Bound { driver, .. }) => Err(AgentError::WrongDriver {
-                bound: driver,
-                wanted: guest_driver,
-            }
-            .into()),
-            Some(Answer::Failed { reason, .. }) => Err(AgentError::Failed {
-                driver: guest_driver,
-                reason: reason.escape_debug().to_string(),
-            }
-            .into()),
-            None => Err(AgentError::NoAnswer {
-                local_index: a.local_index,
-            }
-            .into()),
         }
+        if !failed.is_empty() {
+            return Err(failed);
+        }
+        failpoint("answered");
+        self.advance_all(vfs, &[AssignState::Ready], true)
+            .await
+            .map_err(|e| vec![(0, StepError::state(e))])
+    }
+
+    /// Moves every VF of a request through consecutive states in one commit (with its detail
+    /// when `detail`), then logs and runs each state's failpoint. Only for steps with no side
+    /// effect between them: the last state is durable before the next side effect.
+    async fn advance_all(
+        &self,
+        vfs: &[InFlight<'_>],
+        states: &[AssignState],
+        detail: bool,
+    ) -> Result<(), EngineError> {
+        self.commit(|s| {
+            let mut m = Vec::with_capacity(vfs.len() * (states.len() + 1));
+            for vf in vfs {
+                let gi = vf.a.global_index;
+                m.extend(
+                    s.pool
+                        .plan_advance(gi, states)?
+                        .into_iter()
+                        .map(Mutation::Pool),
+                );
+                if detail {
+                    m.push(Mutation::Detail(gi, vf.detail.clone()));
+                }
+            }
+            Ok(m)
+        })
+        .await?;
+        for state in states {
+            for vf in vfs {
+                let a = vf.a;
+                info!(vm = %a.vm, local_index = %a.local_index, vf = %a.location, state = state.as_str(), "assignment state");
+            }
+            failpoint(state.as_str());
+        }
+        Ok(())
+    }
+
+    /// Rolls back every VF of a failed request, in order: those whose own step failed with
+    /// their error, the others as siblings (unplugged too when they may be plugged).
+    async fn roll_back_request(
+        &self,
+        vm: &VmSpec,
+        vfs: &[InFlight<'_>],
+        mut failed: StepFailures,
+    ) -> Vec<VfFailure> {
+        // The VFs that failed come first (the first decides the API's error code); a sibling
+        // is listed only when its rollback could not finish.
+        let (mut failures, mut siblings) = (Vec::new(), Vec::new());
+        for (i, vf) in vfs.iter().enumerate() {
+            let own = failed
+                .iter()
+                .position(|(at, _)| *at == i)
+                .map(|k| failed.swap_remove(k).1);
+            let sibling = own.is_none();
+            let error = own.unwrap_or(StepError::Sibling);
+            let failure = self.roll_back(vm, vf.a, vf.maybe_plugged, error).await;
+            match sibling {
+                false => failures.push(failure),
+                true if failure.cleanup.is_some() => siblings.push(failure),
+                true => {}
+            }
+        }
+        failures.extend(siblings);
+        failures
     }
 
     /// Undoes an attach: unplug (when it may be plugged), reset, free, and records why. When
@@ -242,5 +326,28 @@ impl Engine {
             Ok(Err(e)) => warn!(vf = %vf, error = %chain(&e), "VF reset failed"),
             Err(e) => warn!(vf = %vf, error = %e, "VF reset stopped unexpectedly"),
         }
+    }
+}
+
+/// The agent's answer for `vf`: the driver and guest address when it bound the function's
+/// driver.
+fn check_answer(vf: &InFlight<'_>, answers: &[Answer]) -> Result<(DriverName, Bdf), AgentError> {
+    let local_index = vf.a.local_index;
+    let Some(wanted) = vf.guest_driver.clone() else {
+        return Err(AgentError::NoAnswer { local_index });
+    };
+    match answers.iter().find(|x| x.local_index() == local_index) {
+        Some(Answer::Bound {
+            driver, guest_bdf, ..
+        }) if *driver == wanted => Ok((driver.clone(), *guest_bdf)),
+        Some(Answer::Bound { driver, .. }) => Err(AgentError::WrongDriver {
+            bound: driver.clone(),
+            wanted,
+        }),
+        Some(Answer::Failed { reason, .. }) => Err(AgentError::Failed {
+            driver: wanted,
+            reason: reason.escape_debug().to_string(),
+        }),
+        None => Err(AgentError::NoAnswer { local_index }),
     }
 }
