@@ -153,3 +153,41 @@ fn a_start_up_that_fails_behind_the_socket_stops_the_daemon_with_its_error() {
     assert!(stderr.contains("newer than this daemon"), "{stderr}");
     assert!(!world.socket.exists(), "the socket is removed");
 }
+
+#[test]
+fn the_cli_waits_for_a_starting_daemon_and_then_says_it_is_starting() {
+    let mut world = World::new();
+    // Recovery is held past the API's 10 s wait by a QEMU that never answers.
+    world.configure("qmp_timeout_ms = 14000\n");
+    world.start(None);
+    let stale = world.vm("stale", 2, &[], &[]);
+    let out = world.cli(&["attach", "stale", "crypto"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.kill9();
+    drop(stale);
+    let qmp = world.dir.path().join("stale.qmp");
+    let _ = std::fs::remove_file(&qmp);
+    let _hung = UnixListener::bind(&qmp).unwrap();
+    world.start_answering();
+
+    let sent = Instant::now();
+    let out = world.cli(&["--json", "inventory"]);
+    let waited = sent.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(13),
+        "waited {waited:?}"
+    );
+    assert!(
+        stderr.contains("vfmap: error: the daemon is starting (phase recovering")
+            && stderr.contains("nothing was changed; retry in 1 s"),
+        "{stderr}"
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["code"], "starting", "{doc}");
+}
