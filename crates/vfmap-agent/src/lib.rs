@@ -13,6 +13,7 @@
 //! [`DeviceEvents`]: the kernel's uevents in the guest ([`UeventSocket`]), a poll where those
 //! cannot be had ([`Polling`]), events fed by a test double in tests.
 
+mod bind;
 pub mod configdrive;
 pub mod events;
 pub mod metadata;
@@ -354,63 +355,6 @@ impl<'a> Agent<'a> {
         })
     }
 
-    /// Binds `driver` to `bdf`: loads the module if the driver is not registered, sets
-    /// `driver_override`, unbinds the current driver and probes, then waits up to
-    /// `bind_timeout_ms` for the binding to show (some drivers probe asynchronously). If another
-    /// driver takes the device meanwhile (the ID-matched driver's own asynchronous probe,
-    /// racing ours), it is unbound and the device probed again: the override makes ours win.
-    fn bind(&mut self, bdf: Bdf, driver: &DriverName) -> Result<(), AgentError> {
-        let bound = self.sysfs.driver_of(bdf).ok().flatten();
-        if bound.as_deref() == Some(driver.as_str()) {
-            return Ok(());
-        }
-        if !self.sysfs.driver_dir(driver.as_str()).is_dir() {
-            let unavailable = |reason: String| AgentError::DriverUnavailable {
-                driver: driver.clone(),
-                reason,
-            };
-            self.loader.load(driver).map_err(unavailable)?;
-            if !self.sysfs.driver_dir(driver.as_str()).is_dir() {
-                return Err(unavailable(format!(
-                    "module {driver} loaded, but no PCI driver named {driver} appeared"
-                )));
-            }
-        }
-        let name = bdf.to_string();
-        self.write(
-            &self.sysfs.device_dir(bdf).join("driver_override"),
-            driver.as_str(),
-        )?;
-        if let Some(old) = &bound {
-            self.write(&self.sysfs.driver_dir(old).join("unbind"), &name)?;
-        }
-        self.write(&self.sysfs.drivers_probe(), &name)?;
-
-        let started = Instant::now();
-        let (sysfs, writer) = (&self.sysfs, self.writer);
-        let bound = wait_until(
-            &mut *self.events,
-            deadline_after(Duration::from_millis(self.config.bind_timeout_ms)),
-            |event| event.name() == name,
-            || {
-                let found = sysfs.driver_of(bdf).ok().flatten()?;
-                if found == driver.as_str() {
-                    return Some(());
-                }
-                // Best effort: the other driver may be gone already; its unbind event tells.
-                let _ = writer.write(&sysfs.driver_dir(&found).join("unbind"), &name);
-                let _ = writer.write(&sysfs.drivers_probe(), &name);
-                None
-            },
-        );
-        bound.ok_or_else(|| AgentError::BindNotEffective {
-            bdf,
-            driver: driver.clone(),
-            found: self.sysfs.driver_of(bdf).ok().flatten(),
-            waited: started.elapsed(),
-        })
-    }
-
     fn check_allowed(&self, driver: &DriverName) -> Result<(), AgentError> {
         if allows(&self.config, driver) {
             Ok(())
@@ -420,11 +364,24 @@ impl<'a> Agent<'a> {
     }
 
     /// Checks the IDs the correspondence gives, binds `driver` and pins `driver_override`:
-    /// the one binding path of both sources.
+    /// the one binding path of both sources (the host's entries go through
+    /// [`Agent::bind_all`] together, with the same checks before and the same pin after).
     fn bind_device(
         &mut self,
         bdf: Bdf,
         driver: &DriverName,
+        vendor: Option<PciId>,
+        device: Option<PciId>,
+    ) -> Result<(), AgentError> {
+        self.check_ids(bdf, vendor, device)?;
+        self.bind(bdf, driver)?;
+        self.pin_override(bdf, driver)
+    }
+
+    /// Checks the device reports the IDs the correspondence gives (when it gives them).
+    fn check_ids(
+        &self,
+        bdf: Bdf,
         vendor: Option<PciId>,
         device: Option<PciId>,
     ) -> Result<(), AgentError> {
@@ -441,9 +398,12 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        self.bind(bdf, driver)?;
-        // Pin the override too, so a re-probe keeps the function's driver.
-        let override_path = dir.join("driver_override");
+        Ok(())
+    }
+
+    /// Pins `driver_override` to the bound driver, so a re-probe keeps the function's driver.
+    fn pin_override(&self, bdf: Bdf, driver: &DriverName) -> Result<(), AgentError> {
+        let override_path = self.sysfs.device_dir(bdf).join("driver_override");
         let pinned = fs::read_to_string(&override_path).map(|t| t.trim() == driver.as_str());
         if !pinned.unwrap_or(false) {
             self.writer
@@ -453,11 +413,9 @@ impl<'a> Agent<'a> {
         Ok(())
     }
 
-    fn bind_entry(
-        &mut self,
-        entry: &Entry,
-        received: Instant,
-    ) -> Result<(Bdf, Timing), AgentError> {
+    /// An entry's device, checked and ready to bind: allowed driver, found (waiting for its
+    /// hot-plug), not the metadata's, the IDs it should report; with when it was found.
+    fn find_entry(&mut self, entry: &Entry) -> Result<(Bdf, Instant), AgentError> {
         self.check_allowed(&entry.guest_driver)?;
         let bdf = self.resolve(
             entry.path,
@@ -470,13 +428,41 @@ impl<'a> Agent<'a> {
             });
         }
         let found = Instant::now();
-        self.bind_device(bdf, &entry.guest_driver, entry.vendor, entry.device)?;
-        let timing = Timing {
-            local_index: entry.local_index,
-            device: found - received,
-            bind: found.elapsed(),
-        };
-        Ok((bdf, timing))
+        self.check_ids(bdf, entry.vendor, entry.device)?;
+        Ok((bdf, found))
+    }
+
+    /// Binds every entry: each device found first (they were all hot-plugged before the
+    /// correspondence was sent, so their waits overlap), then all bound together
+    /// ([`Agent::bind_all`]), then each `driver_override` pinned.
+    fn bind_entries(
+        &mut self,
+        entries: &[Entry],
+        received: Instant,
+    ) -> Vec<Result<(Bdf, Timing), AgentError>> {
+        let found: Vec<Result<(Bdf, Instant), AgentError>> =
+            entries.iter().map(|e| self.find_entry(e)).collect();
+        let jobs: Vec<(Bdf, DriverName)> = entries
+            .iter()
+            .zip(&found)
+            .filter_map(|(e, f)| Some((f.as_ref().ok()?.0, e.guest_driver.clone())))
+            .collect();
+        let mut bound = self.bind_all(&jobs).into_iter();
+        entries
+            .iter()
+            .zip(found)
+            .map(|(entry, found)| {
+                let (bdf, found) = found?;
+                let done = bound.next().expect("one result per device found")?;
+                self.pin_override(bdf, &entry.guest_driver)?;
+                let timing = Timing {
+                    local_index: entry.local_index,
+                    device: found - received,
+                    bind: done.saturating_duration_since(found),
+                };
+                Ok((bdf, timing))
+            })
+            .collect()
     }
 
     /// Unbinds a device that left the correspondence and clears its override. A device that is
@@ -515,8 +501,9 @@ impl<'a> Agent<'a> {
             }
         }
         let mut answers = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let (answer, published) = match self.bind_entry(entry, received) {
+        let results = self.bind_entries(entries, received);
+        for (entry, result) in entries.iter().zip(results) {
+            let (answer, published) = match result {
                 Ok((bdf, timing)) => {
                     self.timings.push(timing);
                     (

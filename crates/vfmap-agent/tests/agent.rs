@@ -429,6 +429,40 @@ fn an_asynchronous_probe_is_waited_for_until_its_bind_event() {
 }
 
 #[test]
+fn the_entries_of_one_correspondence_probe_together_and_share_one_wait() {
+    let g = guest();
+    let pending = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = AsyncProbes {
+        kernel: &g.kernel,
+        probe: g.tree.root().join("bus/pci/drivers_probe"),
+        pending: pending.clone(),
+    };
+    let (tree, started) = (g.tree.clone(), pending.clone());
+    let probes_at_first_wait = Arc::new(AtomicUsize::new(usize::MAX));
+    let seen = probes_at_first_wait.clone();
+    let (events, feed) = fed(&g.tree, move |n, feed| {
+        if n == 0 {
+            // Every probe was started before the agent waited for any.
+            seen.store(started.lock().unwrap().len(), Ordering::SeqCst);
+            finish_probes(&tree, &started, feed, None);
+        }
+    });
+    let mut agent = Agent::new(g.config(), &writer, &g.modules, events);
+    let answers = agent.apply(&three());
+    assert!(
+        answers.iter().all(|a| matches!(a, Answer::Bound { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(probes_at_first_wait.load(Ordering::SeqCst), 3);
+    // One wait for the three (one after another, each would wait for its own probe before the
+    // next one starts: three waits, three probe times).
+    assert_eq!(feed.waits(), 1);
+    assert_eq!(g.driver("0000:01:00.0").as_deref(), Some("nvme"));
+    assert_eq!(g.driver("0000:02:00.0").as_deref(), Some("uio_pci_generic"));
+    assert_eq!(g.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+}
+
+#[test]
 fn a_probe_that_never_binds_fails_at_the_bind_deadline() {
     let g = guest();
     let kernel = FakeKernel::new(g.tree.clone()).fail_probe("pci-stub");
@@ -501,7 +535,10 @@ fn finds_its_port_by_name() {
     g.tree.add_virtio_port("vport0p2", "vfmap");
     let found = find_port(g.tree.root(), Path::new("/dev"), &["vfmap"]);
     assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p2")));
-    assert_eq!(find_port(g.tree.root(), Path::new("/dev"), &["other"]), None);
+    assert_eq!(
+        find_port(g.tree.root(), Path::new("/dev"), &["other"]),
+        None
+    );
 }
 
 /// Left at its default, the agent serves `org.vfmap.0` (the name libvirt domains use) and, in
@@ -520,7 +557,11 @@ fn its_default_port_is_org_vfmap_0_or_else_the_legacy_name() {
     assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p2")));
     let configured: Config = toml::from_str(r#"port_name = "vfmap""#).unwrap();
     let found = find_port(root, Path::new("/dev"), &configured.port_names());
-    assert_eq!(found.as_deref(), Some(Path::new("/dev/vport0p1")), "a configured name only");
+    assert_eq!(
+        found.as_deref(),
+        Some(Path::new("/dev/vport0p1")),
+        "a configured name only"
+    );
 }
 
 /// Without uevents (the fallback), the directory can be seen before its attributes.
