@@ -190,4 +190,23 @@ fn the_cli_waits_for_a_starting_daemon_and_then_says_it_is_starting() {
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["error"]["code"], "starting", "{doc}");
+
+    // SIGTERM while still recovering stops it at once, cleanly (what was in flight is left
+    // for the next start's recovery, as after a crash).
+    assert_eq!(world.phase().as_deref(), Some("recovering"));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &world.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = world.daemon.as_mut().unwrap().try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}; log: {}", world.log_text());
+    assert!(!world.socket.exists(), "the socket is removed");
 }
