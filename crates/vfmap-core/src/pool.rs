@@ -1303,6 +1303,14 @@ mod tests {
         Advance {
             pick: usize,
         },
+        /// A pipelined request's step: every attaching VF of the VM moves on in one commit.
+        AdvanceVm {
+            vm: usize,
+        },
+        /// A pipelined request's rollback: every attaching VF of the VM is freed.
+        FailVm {
+            vm: usize,
+        },
         Fail {
             pick: usize,
         },
@@ -1332,6 +1340,8 @@ mod tests {
                 count
             }),
             (0..64usize).prop_map(|pick| Op::Advance { pick }),
+            (0..3usize).prop_map(|vm| Op::AdvanceVm { vm }),
+            (0..3usize).prop_map(|vm| Op::FailVm { vm }),
             (0..64usize).prop_map(|pick| Op::Fail { pick }),
             (0..3usize, 0..5u32).prop_map(|(vm, local)| Op::Release { vm, local }),
             (0..64usize).prop_map(|pick| Op::Finish { pick }),
@@ -1379,6 +1389,37 @@ mod tests {
                         }
                         None => continue,
                     },
+                    Op::AdvanceVm { vm } | Op::FailVm { vm } => {
+                        // Planned all on the same state, then applied all (one commit).
+                        let attaching: Vec<Assignment> = pool
+                            .assignments_of(&name(VMS[vm]))
+                            .filter(|a| a.state.is_attaching())
+                            .cloned()
+                            .collect();
+                        let planned: Result<Vec<Vec<Change>>, PoolError> = attaching
+                            .iter()
+                            .map(|a| match op {
+                                Op::AdvanceVm { .. } => pool.plan_advance(
+                                    a.global_index,
+                                    &[a.state.next_attach_step().unwrap_or(AssignState::Ready)],
+                                ),
+                                _ => pool.plan_free(a.global_index).map(|c| vec![c]),
+                            })
+                            .collect();
+                        match planned {
+                            Ok(changes) => {
+                                for change in changes.iter().flatten() {
+                                    pool.apply(change);
+                                }
+                            }
+                            Err(_) => prop_assert_eq!(&pool, &before, "a refused plan changed the pool"),
+                        }
+                        pool.check_invariants().map_err(TestCaseError::fail)?;
+                        let assigned = pool.assignments().count();
+                        let free: usize = FUNCTIONS.iter().map(|f| pool.free_count(f)).sum();
+                        prop_assert_eq!(assigned + free, 10);
+                        continue;
+                    }
                     Op::Fail { pick } => match nth_assignment(&pool, pick, |a| a.state.is_attaching()) {
                         Some(gi) => pool.plan_free(gi),
                         None => continue,

@@ -110,6 +110,9 @@ impl Engine {
                 _ => return Err(vec![(i, StepError::NoDrivers)]),
             }
         }
+        let Some(first) = vfs.first().map(|vf| vf.a.location) else {
+            return Ok(());
+        };
         let host = self.adapters.host.clone();
         let bound = tokio::task::spawn_blocking(move || {
             for (i, (location, driver)) in binds.iter().enumerate() {
@@ -118,14 +121,7 @@ impl Engine {
             Ok(())
         })
         .await
-        .unwrap_or_else(|_| {
-            Err((
-                0,
-                HostError::Stopped {
-                    vf: vfs[0].a.location,
-                },
-            ))
-        });
+        .unwrap_or_else(|_| Err((0, HostError::Stopped { vf: first })));
         bound.map_err(|(i, e)| vec![(i, StepError::Host(e))])?;
         self.advance_all(vfs, &[AssignState::HostBound], false)
             .await
