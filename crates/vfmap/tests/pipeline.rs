@@ -78,3 +78,42 @@ fn a_crash_after_every_step_of_a_multi_vf_attach_is_recovered() {
         }
     }
 }
+
+#[test]
+fn a_vm_whose_hot_plug_is_slow_delays_no_other_vm() {
+    let mut world = World::new();
+    world.start(None);
+    // Each device_add in "slow" takes 1.5 s in its QEMU.
+    let slow = world.vm("slow", 4, &[], &["--add-delay-ms", "1500"]);
+    let fast = world.vm("fast", 4, &[], &[]);
+    let started = std::time::Instant::now();
+    let slow_attach = std::process::Command::new(env!("CARGO_BIN_EXE_vfmap"))
+        .arg("--socket")
+        .arg(&world.socket)
+        .args(["attach", "slow", "crypto", "--count", "2"])
+        .output();
+    let slow_attach = std::thread::spawn(move || (slow_attach, started.elapsed()));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    let doc = world.json(&["attach", "fast", "crypto", "--count", "3"]);
+    let fast_took = sent.elapsed();
+    assert_eq!(doc["attached"].as_array().unwrap().len(), 3, "{doc}");
+    let (out, slow_took) = slow_attach.join().unwrap();
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        slow_took >= std::time::Duration::from_secs(3),
+        "slow took {slow_took:?}"
+    );
+    // Well under one of the slow VM's device_adds.
+    assert!(
+        fast_took < std::time::Duration::from_millis(1200),
+        "fast waited {fast_took:?} for slow"
+    );
+    assert_consistent(&world, &slow);
+    assert_consistent(&world, &fast);
+}
