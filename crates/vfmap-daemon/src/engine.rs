@@ -276,6 +276,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     /// Bumped after every change is applied in memory: who holds what may have changed.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Per VM, whose correspondence is on its way to the agent (see
+    /// [`Engine::send_correspondence`]).
+    sending: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The device id of a VF in the hypervisor: derived from its stable global index.
@@ -346,6 +349,7 @@ impl Engine {
             degraded: AtomicBool::new(false),
             metrics,
             changes: tokio::sync::watch::Sender::new(0),
+            sending: Mutex::default(),
         };
         for (a, why) in rejected {
             warn!(vf = %a.global_index, vm = %a.vm, why = %why, "dropping a stored assignment");
@@ -441,6 +445,32 @@ impl Engine {
             .vm(vm)
             .cloned()
             .ok_or_else(|| PoolError::UnknownVm(vm.to_owned()))
+    }
+
+    /// Sends the VM's correspondence as it is now (less `without`, a VF being released) and
+    /// waits for the agent's answers. One at a time per VM, each read when its turn comes: the
+    /// agent makes the guest match the last correspondence it got, so an older, smaller one
+    /// overtaking a newer one would release the newer entries (concurrent attaches to one VM).
+    /// Other VMs never wait for this.
+    async fn send_correspondence(
+        &self,
+        vm: &VmSpec,
+        without: Option<LocalIndex>,
+    ) -> Result<Vec<Answer>, ChannelError> {
+        let turn = {
+            let mut sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+            sending.entry(vm.name.to_string()).or_default().clone()
+        };
+        let _turn = turn.lock().await;
+        let entries = self
+            .entries(vm)
+            .into_iter()
+            .filter(|e| Some(e.local_index) != without)
+            .collect();
+        self.adapters
+            .channel
+            .apply(vm, entries, self.adapters.agent_deadline)
+            .await
     }
 
     /// The VM's correspondence as the agent receives it: entries that are plugged.

@@ -239,3 +239,39 @@ async fn a_slow_hot_plug_delays_only_its_own_vm() {
     assert_eq!(free(&engine), 4);
     engine.check().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_to_one_vm_leave_the_agent_with_the_whole_correspondence() {
+    let rig = Rig::new(8, 8);
+    let engine = rig.engine().await;
+    rig.add_vm(&engine, "web").await;
+    // The first correspondence is slow to be answered: had a later one (with more entries)
+    // overtaken it, the agent would end up with the first's smaller set, releasing the rest.
+    rig.agent
+        .next_delays
+        .lock()
+        .unwrap()
+        .push_back(Duration::from_millis(200));
+    let attaches = (0..3u64).map(|i| {
+        let engine = &engine;
+        async move {
+            // The first request's correspondence is on its way when the others start.
+            tokio::time::sleep(Duration::from_millis(60 * i)).await;
+            engine.attach(request("web", 2)).await
+        }
+    });
+    for rows in futures_util::future::join_all(attaches).await {
+        assert_eq!(rows.unwrap().len(), 2);
+    }
+    // In the order the agent answered.
+    let seen: Vec<Vec<u32>> = rig
+        .agent
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, entries)| entries.iter().map(|e| e.local_index.get()).collect())
+        .collect();
+    assert_eq!(seen.last().unwrap(), &[0, 1, 2, 3, 4, 5], "{seen:?}");
+    engine.check().unwrap();
+}

@@ -150,16 +150,11 @@ impl Engine {
             .await
             .map_err(|e| vec![(0, StepError::state(e))])?;
 
-        let answers = self
-            .adapters
-            .channel
-            .apply(vm, self.entries(vm), self.adapters.agent_deadline)
-            .await
-            .map_err(|e| {
-                (0..vfs.len())
-                    .map(|i| (i, StepError::Channel(e.clone())))
-                    .collect::<Vec<_>>()
-            })?;
+        let answers = self.send_correspondence(vm, None).await.map_err(|e| {
+            (0..vfs.len())
+                .map(|i| (i, StepError::Channel(e.clone())))
+                .collect::<Vec<_>>()
+        })?;
         let mut failed = Vec::new();
         for (i, vf) in vfs.iter_mut().enumerate() {
             match check_answer(vf, &answers) {

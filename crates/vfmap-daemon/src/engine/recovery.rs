@@ -7,13 +7,7 @@ impl Engine {
     /// and logs entries the agent could not bind.
     pub async fn resync(&self, vm: &str) {
         let Ok(spec) = self.vm_spec(vm) else { return };
-        let entries = self.entries(&spec);
-        match self
-            .adapters
-            .channel
-            .apply(&spec, entries, self.adapters.agent_deadline)
-            .await
-        {
+        match self.send_correspondence(&spec, None).await {
             Ok(answers) => {
                 // One line per re-send, whatever the guest answers: its text is bounded, and
                 // re-sends are coalesced, so a lying agent cannot flood the log.
@@ -78,38 +72,66 @@ impl Engine {
             }
         };
         self.remove_orphans(&vm, &plugged).await;
-        for a in mine {
-            let is_plugged = plugged.contains(&device_id(a.global_index));
-            let decision = plan_recovery(a.state, is_plugged);
-            info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
-            self.metrics.recovered(decision.into());
-            let incomplete = match decision {
-                Recovery::Keep => None,
-                Recovery::RollBack => {
-                    self.roll_back(&vm, a, is_plugged, StepError::Restarted)
-                        .await
-                        .cleanup
-                }
-                Recovery::FinishRelease => self
-                    .finish_release(&vm, a, false, is_plugged)
-                    .await
-                    .err()
-                    .map(|e| chain(&e)),
-                // A VM its manager stopped is still asked to unplug: that drops the
-                // device from a persistent definition, so it does not come back.
-                Recovery::Lost => {
-                    self.roll_back(&vm, a, lifecycle.is_some(), StepError::Lost)
-                        .await
-                        .cleanup
-                }
-            };
-            if let Some(reason) = incomplete {
-                warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
-            }
+        let decided: Vec<(&Assignment, bool, Recovery)> = mine
+            .into_iter()
+            .map(|a| {
+                let is_plugged = plugged.contains(&device_id(a.global_index));
+                (a, is_plugged, plan_recovery(a.state, is_plugged))
+            })
+            .collect();
+        // A VF lost by a VM that is certainly not running, with no manager to tell: nothing to
+        // unplug, no hypervisor call, one VF each; all at once (their commits share
+        // transactions). The rest in order.
+        let (at_once, in_order): (Vec<_>, Vec<_>) = decided
+            .into_iter()
+            .partition(|(_, _, decision)| *decision == Recovery::Lost && lifecycle.is_none());
+        futures_util::future::join_all(at_once.into_iter().map(|(a, is_plugged, decision)| {
+            self.recover_one(&vm, a, is_plugged, decision, lifecycle)
+        }))
+        .await;
+        for (a, is_plugged, decision) in in_order {
+            self.recover_one(&vm, a, is_plugged, decision, lifecycle)
+                .await;
         }
         if lifecycle == Some(crate::effects::Lifecycle::Undefined) {
             self.vm_undefined(&vm, "its manager no longer defines it")
                 .await;
+        }
+    }
+
+    /// Carries out recovery's decision for one assignment.
+    async fn recover_one(
+        &self,
+        vm: &VmSpec,
+        a: &Assignment,
+        is_plugged: bool,
+        decision: Recovery,
+        lifecycle: Option<crate::effects::Lifecycle>,
+    ) {
+        info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, state = a.state.as_str(), plugged = is_plugged, decision = ?decision, "recovery");
+        self.metrics.recovered(decision.into());
+        let incomplete = match decision {
+            Recovery::Keep => None,
+            Recovery::RollBack => {
+                self.roll_back(vm, a, is_plugged, StepError::Restarted)
+                    .await
+                    .cleanup
+            }
+            Recovery::FinishRelease => self
+                .finish_release(vm, a, false, is_plugged)
+                .await
+                .err()
+                .map(|e| chain(&e)),
+            // A VM its manager stopped is still asked to unplug: that drops the
+            // device from a persistent definition, so it does not come back.
+            Recovery::Lost => {
+                self.roll_back(vm, a, lifecycle.is_some(), StepError::Lost)
+                    .await
+                    .cleanup
+            }
+        };
+        if let Some(reason) = incomplete {
+            warn!(vm = %vm.name, vf = %a.location, reason = %reason, "recovery incomplete");
         }
     }
 }

@@ -53,6 +53,10 @@ impl Engine {
         self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_remove_vm(name)?)]))
             .await?;
         self.adapters.channel.forget(name);
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         info!(vm = %name, released = held.len(), "VM removed");
         Ok(held.len())
     }
@@ -115,17 +119,7 @@ impl Engine {
         if tell_agent {
             // The agent unbinds the driver before the device goes; an absent agent must not
             // block the release, so this is best effort.
-            let remaining: Vec<Entry> = self
-                .entries(vm)
-                .into_iter()
-                .filter(|e| e.local_index != a.local_index)
-                .collect();
-            if let Err(e) = self
-                .adapters
-                .channel
-                .apply(vm, remaining, self.adapters.agent_deadline)
-                .await
-            {
+            if let Err(e) = self.send_correspondence(vm, Some(a.local_index)).await {
                 warn!(vm = %vm.name, error = %chain(&e), "could not tell the agent before unplugging");
             }
         }

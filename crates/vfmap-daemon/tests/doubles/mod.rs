@@ -116,6 +116,8 @@ pub struct FakeAgent {
     pub refuse: Mutex<BTreeSet<LocalIndex>>,
     /// How long each round trip takes.
     pub delay: Mutex<Duration>,
+    /// How long the next round trips take, one each, before `delay` applies again.
+    pub next_delays: Mutex<std::collections::VecDeque<Duration>>,
 }
 
 impl GuestChannel for FakeAgent {
@@ -126,7 +128,8 @@ impl GuestChannel for FakeAgent {
         _deadline: Duration,
     ) -> BoxFuture<'a, Result<Vec<Answer>, ChannelError>> {
         Box::pin(async move {
-            let delay = *self.delay.lock().unwrap();
+            let next = self.next_delays.lock().unwrap().pop_front();
+            let delay = next.unwrap_or(*self.delay.lock().unwrap());
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
