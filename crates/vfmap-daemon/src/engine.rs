@@ -447,7 +447,7 @@ impl Engine {
             .ok_or_else(|| PoolError::UnknownVm(vm.to_owned()))
     }
 
-    /// Sends the VM's correspondence as it is now (less `without`, a VF being released) and
+    /// Sends the VM's correspondence as it is now (less `without`, VFs being let go) and
     /// waits for the agent's answers. One at a time per VM, each read when its turn comes: the
     /// agent makes the guest match the last correspondence it got, so an older, smaller one
     /// overtaking a newer one would release the newer entries (concurrent attaches to one VM).
@@ -455,7 +455,7 @@ impl Engine {
     async fn send_correspondence(
         &self,
         vm: &VmSpec,
-        without: Option<LocalIndex>,
+        without: &[LocalIndex],
     ) -> Result<Vec<Answer>, ChannelError> {
         let turn = {
             let mut sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
@@ -465,7 +465,7 @@ impl Engine {
         let entries = self
             .entries(vm)
             .into_iter()
-            .filter(|e| Some(e.local_index) != without)
+            .filter(|e| !without.contains(&e.local_index))
             .collect();
         self.adapters
             .channel

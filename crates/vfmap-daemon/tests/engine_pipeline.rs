@@ -130,6 +130,16 @@ async fn an_entry_the_agent_refuses_rolls_back_every_vf_of_the_request() {
     };
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].local_index, LocalIndex::new(1));
+    // The agent, which bound two of them, is told to let all three go before the unplugs.
+    let seen: Vec<usize> = rig
+        .agent
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, entries)| entries.len())
+        .collect();
+    assert_eq!(seen, [3, 0]);
     assert!(
         rig.hv.plugged.lock().unwrap()["web"].is_empty(),
         "all three unplugged"

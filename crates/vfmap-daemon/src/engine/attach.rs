@@ -9,10 +9,11 @@
 //! after the K-th), `plugged` and `sent` (one commit), `answered` (the agent answered, nothing
 //! committed yet) and `ready`.
 //!
-//! Nothing here holds a lock across an await: the state mutex is taken only to plan a commit
-//! or read, the store groups the commits of concurrent requests, and the adapters serialise
-//! per VM (QMP, libvirt) or keep one link per VM (the guest channel). So one VM's slow
-//! hot-plug or agent delays only that VM's requests.
+//! Nothing here holds a lock that VMs share across an await: the state mutex is taken only to
+//! plan a commit or read, the store groups the commits of concurrent requests, the adapters
+//! serialise per VM (QMP, libvirt) or keep one link per VM (the guest channel), and a VM's
+//! correspondences take turns per VM. So one VM's slow hot-plug or agent delays only that
+//! VM's requests.
 
 use super::*;
 
@@ -81,7 +82,16 @@ impl Engine {
                 })
                 .collect()
         };
-        if let Err(failed) = self.attach_steps(&spec, &mut vfs).await {
+        let mut answered = false;
+        if let Err(failed) = self.attach_steps(&spec, &mut vfs, &mut answered).await {
+            if answered {
+                // The agent may have bound some entries: it lets them go before they are
+                // unplugged, as for a detach (best effort: the rollback does not wait on it).
+                let request: Vec<LocalIndex> = reserved.iter().map(|a| a.local_index).collect();
+                if let Err(e) = self.send_correspondence(&spec, &request).await {
+                    warn!(vm = %spec.name, error = %chain(&e), "could not tell the agent before rolling back");
+                }
+            }
             let failures = self.roll_back_request(&spec, &vfs, failed).await;
             return Err(EngineError::AttachFailed {
                 vm: spec.name.to_string(),
@@ -98,10 +108,12 @@ impl Engine {
     }
 
     /// Host bind all → plug all in order → send once → ready, each step one commit.
+    /// Sets `answered` once the agent has answered (it may have bound some of the entries).
     async fn attach_steps(
         &self,
         vm: &VmSpec,
         vfs: &mut [InFlight<'_>],
+        answered: &mut bool,
     ) -> Result<(), StepFailures> {
         let mut binds = Vec::with_capacity(vfs.len());
         for (i, vf) in vfs.iter().enumerate() {
@@ -150,11 +162,12 @@ impl Engine {
             .await
             .map_err(|e| vec![(0, StepError::state(e))])?;
 
-        let answers = self.send_correspondence(vm, None).await.map_err(|e| {
+        let answers = self.send_correspondence(vm, &[]).await.map_err(|e| {
             (0..vfs.len())
                 .map(|i| (i, StepError::Channel(e.clone())))
                 .collect::<Vec<_>>()
         })?;
+        *answered = true;
         let mut failed = Vec::new();
         for (i, vf) in vfs.iter_mut().enumerate() {
             match check_answer(vf, &answers) {

@@ -2,12 +2,15 @@
 
 use super::*;
 
+/// How many VFs of one VM that is not running recovery frees at once.
+const LOST_AT_ONCE: usize = 16;
+
 impl Engine {
     /// Re-sends a VM's whole correspondence (its agent reconnected, e.g. after a guest reboot)
     /// and logs entries the agent could not bind.
     pub async fn resync(&self, vm: &str) {
         let Ok(spec) = self.vm_spec(vm) else { return };
-        match self.send_correspondence(&spec, None).await {
+        match self.send_correspondence(&spec, &[]).await {
             Ok(answers) => {
                 // One line per re-send, whatever the guest answers: its text is bounded, and
                 // re-sends are coalesced, so a lying agent cannot flood the log.
@@ -80,15 +83,17 @@ impl Engine {
             })
             .collect();
         // A VF lost by a VM that is certainly not running, with no manager to tell: nothing to
-        // unplug, no hypervisor call, one VF each; all at once (their commits share
-        // transactions). The rest in order.
+        // unplug, no hypervisor call, one VF each; LOST_AT_ONCE at a time (their commits share
+        // transactions; more at once costs memory and gains little). The rest in order.
         let (at_once, in_order): (Vec<_>, Vec<_>) = decided
             .into_iter()
             .partition(|(_, _, decision)| *decision == Recovery::Lost && lifecycle.is_none());
-        futures_util::future::join_all(at_once.into_iter().map(|(a, is_plugged, decision)| {
-            self.recover_one(&vm, a, is_plugged, decision, lifecycle)
-        }))
-        .await;
+        for chunk in at_once.chunks(LOST_AT_ONCE) {
+            futures_util::future::join_all(chunk.iter().map(|&(a, is_plugged, decision)| {
+                self.recover_one(&vm, a, is_plugged, decision, lifecycle)
+            }))
+            .await;
+        }
         for (a, is_plugged, decision) in in_order {
             self.recover_one(&vm, a, is_plugged, decision, lifecycle)
                 .await;

@@ -119,7 +119,7 @@ impl Engine {
         if tell_agent {
             // The agent unbinds the driver before the device goes; an absent agent must not
             // block the release, so this is best effort.
-            if let Err(e) = self.send_correspondence(vm, Some(a.local_index)).await {
+            if let Err(e) = self.send_correspondence(vm, &[a.local_index]).await {
                 warn!(vm = %vm.name, error = %chain(&e), "could not tell the agent before unplugging");
             }
         }
