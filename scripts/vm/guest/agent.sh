@@ -15,26 +15,19 @@ mkdir -p /run/vfmap
     vfmap-agent > /dev/console 2>&1 || rc=$?
     echo "VFMAP-AGENT-EXIT $rc"
 ) &
-# Benchmark baseline (vfmap.baseline=1): the bare minimum by hand, with no vfmap involved. A
-# shell binds pci-stub to whatever appears behind root port 03.3 (or vfmap.baseline_port=),
-# with driver_override + drivers_probe, polling like the agent does.
+# Benchmark baseline (vfmap.baseline=1): the bare minimum by hand, with no vfmap involved:
+# vfmap-baseline-bind (in the image for the benchmarks) binds pci-stub to whatever appears
+# behind root port 03.3 (or vfmap.baseline_port=) with driver_override + drivers_probe,
+# polling every 5 ms without forking, and unbinding a driver that took the device first.
 if grep -q "vfmap.baseline=1" /proc/cmdline; then
     # The root port watched: vfmap.baseline_port= (the libvirt domain's differ), else 03.3.
     port=$(sed -n 's/.*vfmap\.baseline_port=\([0-9a-f:.]*\).*/\1/p' /proc/cmdline)
-    port=${port:-0000:00:03.3}
     modprobe pci-stub
-    (
-        while true; do
-            for d in /sys/devices/pci0000:00/$port/0000:0*; do
-                [ -e "$d/vendor" ] && [ ! -e "$d/driver" ] || continue
-                # The device may go away under us: then look again.
-                echo pci-stub 2> /dev/null > "$d/driver_override" || continue
-                echo "${d##*/}" 2> /dev/null > /sys/bus/pci/drivers_probe || continue
-                if [ -e "$d/driver" ]; then echo "VFMAP-BASELINE-BOUND ${d##*/}"; fi
-            done
-            sleep 0.05
-        done
-    ) &
+    if [ -x /bin/vfmap-baseline-bind ]; then
+        /bin/vfmap-baseline-bind "${port:-0000:00:03.3}" pci-stub &
+    else
+        echo "VFMAP-BASELINE-MISSING /bin/vfmap-baseline-bind is not in this image"
+    fi
 fi
 while true; do
     drivers=""

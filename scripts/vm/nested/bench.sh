@@ -4,8 +4,9 @@
 # (pci-stub):
 #   vfmap:    `vfmap attach` end to end, split into stages from the daemon's state log and the
 #             agent's own timings, then `vfmap detach`;
-#   baseline: the bare minimum by hand: a raw QMP device_add of the VF into root port rp3 and a
-#             guest shell doing driver_override + drivers_probe, then device_del.
+#   baseline: the bare minimum by hand: a raw QMP device_add of the VF into root port rp3 and
+#             vfmap-baseline-bind in the guest doing driver_override + drivers_probe (no fork,
+#             5 ms polls, a racing driver unbound), then device_del.
 # With VFMAP_BENCH_AGENTS="LABEL=INITRD ..." (scripts/bench-nested --agents), agents are
 # compared instead: one VM per agent, booted side by side and registered in the daemon under
 # its LABEL, and each round does the vfmap attach + detach once in every VM, on the same VF,
@@ -77,11 +78,11 @@ vfmap_round() {
     vfmap detach "$vm" 0 > /dev/null || check detach-$vm-$r FAIL ""
 }
 
-# baseline_round ROUND: the raw QMP device_add into the VM "inner"'s rp3, the guest shell's
+# baseline_round ROUND: the raw QMP device_add into the VM "inner"'s rp3, the guest binder's
 # bind, its row, then device_del; returns 1 when the guest did not bind (the rounds stop).
 baseline_round() {
     local r=$1 before t0 t1 qmp_pid deadline ids
-    step "round $r: baseline (raw QMP device_add + shell driver_override/drivers_probe)"
+    step "round $r: baseline (raw QMP device_add + driver_override/drivers_probe in the guest)"
     before=$(baseline_count)
     t0=$(now)
     qmp "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"vfio-pci\",\"host\":\"$VF\",\"id\":\"base$r\",\"bus\":\"rp3\",\"addr\":\"0\"}}" &
@@ -92,7 +93,7 @@ baseline_round() {
     # Only the QMP client: the daemon and the VM are background jobs too.
     wait "$qmp_pid" || check baseline-device_add-$r FAIL "QEMU refused the device_add"
     if [ "$(baseline_count)" -le "$before" ]; then
-        check baseline-$r FAIL "the guest shell did not bind the device"
+        check baseline-$r FAIL "the guest's binder did not bind the device"
         grep -a "BASELINE\|timing\|VFMAP-DRIVERS" "$W/inner.console" | tail -5 || :
         return 1
     fi

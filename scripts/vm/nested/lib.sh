@@ -16,7 +16,9 @@ mkdir -p "$W"
 # running from it.
 cp "${VFMAP_BIN:-$REPO/target/x86_64-unknown-linux-gnu/release/vfmap}" "$W/vfmap"
 VFMAP=$W/vfmap
-AGENT_INITRD=$REPO/.cache/vm/agent.cpio.gz
+# The inner VMs' image: vfmap.agent_image= (the benchmarks' has the baseline binder too).
+agent_image=$(sed -n 's/.*vfmap\.agent_image=\([a-z0-9.-]*\).*/\1/p' /proc/cmdline)
+AGENT_INITRD=$REPO/.cache/vm/${agent_image:-agent.cpio.gz}
 KVER=$(uname -r)
 API=$W/api.sock
 start_us=${EPOCHREALTIME/./}

@@ -6,8 +6,8 @@
 #   vfmap:    `vfmap attach` end to end (host bind, virsh attach-device, live XML read back,
 #             the agent binds pci-stub, its answer), then `vfmap detach`;
 #   baseline: the bare path by hand: `virsh attach-device --live` of the same VF's hostdev on
-#             root port pci.5 and a guest shell doing driver_override + drivers_probe on what
-#             appears behind it, then `virsh detach-device-alias` and waiting for it to go.
+#             root port pci.5 and vfmap-baseline-bind in the guest doing driver_override +
+#             drivers_probe on what appears behind it (no fork, 5 ms polls), then `virsh detach-device-alias` and waiting for it to go.
 # Prints "VFMAP-BENCH round tool total_ms" rows.
 #   libvirt-bench.sh REPO [ROUNDS]
 set -Eeuo pipefail
@@ -46,7 +46,7 @@ for r in $(seq "$ROUNDS"); do
     echo "VFMAP-BENCH $r vfmap $(ms "$t0" "$t1")"
     vfmap detach inner 0 > /dev/null || check detach-$r FAIL ""
 
-    step "round $r: baseline (virsh attach-device --live + guest shell bind)"
+    step "round $r: baseline (virsh attach-device --live + the guest binder)"
     before=$(baseline_count)
     t0=$EPOCHREALTIME
     virsh attach-device "$DOMAIN" "$W/baseline.xml" --live > /dev/null || check baseline-attach-$r FAIL ""
@@ -57,6 +57,8 @@ for r in $(seq "$ROUNDS"); do
     virsh detach-device-alias "$DOMAIN" ua-baseline --live > /dev/null || check baseline-detach-$r FAIL ""
     for _ in $(seq 600); do virsh dumpxml "$DOMAIN" | grep -q "ua-baseline" || break; sleep 0.05; done
 done
+# vfmap's steps with the daemon's timestamps, to see where an attach's time goes.
+grep -a "assignment reserved\|assignment state\|released; VF free" "$W/daemon.log" | sed 's/^/VFMAP-LOG /' || :
 stop_libvirtd
 result
 exit $failed
