@@ -68,15 +68,30 @@ struct Start {
     inventory: Value,
     inventory_bytes: usize,
     peak_mib: f64,
+    /// From the daemon's log: milliseconds from its start-up's begin to each phase's end
+    /// (host prepared, state loaded, recovered).
+    phases: [u64; 3],
+}
+
+/// The `after_ms` the daemon logged on the line containing `marker`.
+fn logged_ms(log: &str, marker: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split("after_ms=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {marker:?} with after_ms in the daemon's log"))
 }
 
 /// Starts the daemon, times it to health 200 and to ready, reads the inventory and the peak.
 fn start(config: &Path, socket: &Path) -> Start {
+    let log_path = config.with_file_name("daemon.log");
+    let log = std::fs::File::create(&log_path).expect("daemon log");
     let started = Instant::now();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_vfmap"))
         .args(["serve", "--config"])
         .arg(config)
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start daemon");
     let alive = |daemon: &mut Child| {
@@ -114,7 +129,14 @@ fn start(config: &Path, socket: &Path) -> Start {
         .expect("kill");
     assert!(term.success());
     daemon.wait().expect("wait");
+    let log = std::fs::read_to_string(&log_path).expect("daemon log");
+    let phases = [
+        logged_ms(&log, "phase=loading_state"),
+        logged_ms(&log, "phase=recovering"),
+        logged_ms(&log, "ready: the pool is up"),
+    ];
     Start {
+        phases,
         health,
         ready,
         first_status: first["status"].as_str().unwrap_or("?").to_owned(),
@@ -275,7 +297,7 @@ fn main() {
         VMS * PER_VM
     );
     println!(
-        "{:>5} {:>14} {:>12} {:>12} {:>10} {:>10} {:>9}",
+        "{:>5} {:>14} {:>12} {:>12} {:>10} {:>10} {:>9}   daemon's log: prepared / state loaded / recovered (ms)",
         "round", "discovery(ms)", "health(ms)", "ready(ms)", "first", "wait=0", "peak MiB"
     );
     let (mut discoveries, mut healths, mut readies, mut peaks) =
@@ -305,13 +327,16 @@ fn main() {
             .filter(|v| !v["vm"].is_null())
             .count();
         println!(
-            "{round:>5} {:>14.0} {:>12.0} {:>12.0} {:>10} {:>10} {:>9.1}",
+            "{round:>5} {:>14.0} {:>12.0} {:>12.0} {:>10} {:>10} {:>9.1}   {} / {} / {}",
             discovery.as_secs_f64() * 1e3,
             s.health.as_secs_f64() * 1e3,
             s.ready.as_secs_f64() * 1e3,
             s.first_status,
             s.nowait_status,
-            s.peak_mib
+            s.peak_mib,
+            s.phases[0],
+            s.phases[1],
+            s.phases[2]
         );
         discoveries.push(discovery.as_secs_f64());
         healths.push(s.health.as_secs_f64());
