@@ -279,7 +279,8 @@ pub async fn run<P: VfPool>(
 }
 
 /// One reconciliation: list PodResources, decide, carry the decisions out through the pool.
-/// A failed list decides nothing.
+/// A failed list decides nothing. `kubelet_since_ms` is when the kubelet last (re)started as
+/// the caller knows it; the PodResources socket's creation is taken if later.
 /// `last_listed` is updated with the devices this `List` names.
 pub async fn reconcile_once<P: VfPool>(
     pool: &P,
@@ -294,6 +295,14 @@ pub async fn reconcile_once<P: VfPool>(
             return;
         }
     };
+    // The kubelet that answered may be a new one that the supervisor has not seen yet (its
+    // registration socket is polled apart): a restarted kubelet serves PodResources before it
+    // has re-admitted its pods, and answers without their devices for a while. Its grace
+    // counts from its own PodResources socket, whose creation is its start; otherwise a
+    // kubelet down for longer than the grace (while every `List` failed) would have its
+    // running pods' VFs released at its first answer.
+    let kubelet_since_ms = socket_id(&config.pod_resources_socket)
+        .map_or(kubelet_since_ms, |s| s.ctime_ms.max(kubelet_since_ms));
     let view = pool.view().borrow().clone();
     let timing = Timing {
         now_ms: now_ms(),

@@ -20,7 +20,7 @@ use vfmap_k8s::api::podresources as pr;
 use vfmap_k8s::api::podresources::pod_resources_lister_server::{
     PodResourcesLister, PodResourcesListerServer,
 };
-use vfmap_k8s::kubelet::{Config, connect, run};
+use vfmap_k8s::kubelet::{Config, connect, reconcile_once, run};
 use vfmap_k8s::model::{ContainerRef, HEALTHY, Holder, UNHEALTHY};
 use vfmap_k8s::server::{FunctionPlugin, bind, serve};
 
@@ -373,4 +373,65 @@ async fn supervisor_registers_reconciles_and_survives_a_kubelet_restart() {
     shutdown_tx.send(true).unwrap();
     supervisor.await.unwrap().unwrap();
     assert!(!plugins.join("vfmap-crypto.sock").exists());
+}
+
+/// Found by the real kubelet (scripts/k8s/nested-kubelet.sh): a kubelet restarted after being
+/// down for longer than the grace period answers PodResources before it has re-admitted its
+/// pods, without their devices; the supervisor may not have seen its new registration socket
+/// yet, so the kubelet's start it knows is the old one. The VF of a running pod must not be
+/// released then: the grace counts from the PodResources socket's creation too.
+#[tokio::test]
+async fn a_kubelet_back_from_a_long_restart_gets_the_grace_period_before_any_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod_resources = dir.path().join("pod-resources.sock");
+    let pool = pool();
+    pool.set_holder(
+        "0000:01:00.1",
+        Holder::Kubelet {
+            owner: Some(ContainerRef {
+                namespace: "default".into(),
+                pod: "p1".into(),
+                container: "app".into(),
+            }),
+            allocated_at_ms: 1,
+        },
+    );
+    // The new kubelet, just started, lists no pod yet.
+    let fake = FakeKubelet::default();
+    let _stop = start_fake(&fake, &pod_resources, false);
+    let config = Config {
+        prefix: "vfmap.io".into(),
+        device_plugin_dir: dir.path().into(),
+        pod_resources_socket: pod_resources,
+        poll: Duration::from_millis(50),
+        reconcile_every: Duration::from_millis(100),
+        grace: Duration::from_secs(30),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Last listed a minute ago, by the kubelet that started two minutes ago (as the caller
+    // knows it); every List since failed.
+    let mut last_listed = std::collections::BTreeMap::new();
+    last_listed.insert("0000:01:00.1".parse().unwrap(), now - 60_000);
+    reconcile_once(pool.as_ref(), &config, now - 120_000, &mut last_listed).await;
+    assert!(
+        matches!(
+            pool.holder("0000:01:00.1"),
+            Holder::Kubelet { owner: Some(_), .. }
+        ),
+        "{:?}",
+        pool.calls.lock().unwrap()
+    );
+    assert!(
+        !pool
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("release")),
+        "{:?}",
+        pool.calls.lock().unwrap()
+    );
 }
