@@ -209,6 +209,21 @@ pub struct Agent<'a> {
     /// The metadata's entries.
     from_metadata: BTreeMap<Bdf, Published>,
     timings: Vec<Timing>,
+    apply_timing: Option<ApplyTiming>,
+}
+
+/// How long the last `apply` took as a whole, for logs and benchmarks: what the host waits
+/// for in the guest before the answer is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyTiming {
+    /// Entries in the correspondence.
+    pub entries: usize,
+    /// From receiving the correspondence until every entry was bound (or failed) and its
+    /// override pinned.
+    pub bound: Duration,
+    /// From receiving the correspondence until the result was published (`devices.json`,
+    /// `by-function/`), i.e. ready to answer.
+    pub applied: Duration,
 }
 
 /// How long one entry of the last `apply` took, for logs and benchmarks.
@@ -297,12 +312,18 @@ impl<'a> Agent<'a> {
             current,
             from_metadata,
             timings: Vec::new(),
+            apply_timing: None,
         }
     }
 
     /// Timings of the entries bound by the last `apply`.
     pub fn timings(&self) -> &[Timing] {
         &self.timings
+    }
+
+    /// How long the last `apply` took as a whole.
+    pub fn apply_timing(&self) -> Option<ApplyTiming> {
+        self.apply_timing
     }
 
     /// What is published now: the host's entries, then the metadata's.
@@ -502,6 +523,7 @@ impl<'a> Agent<'a> {
         }
         let mut answers = Vec::with_capacity(entries.len());
         let results = self.bind_entries(entries, received);
+        let bound = received.elapsed();
         for (entry, result) in entries.iter().zip(results) {
             let (answer, published) = match result {
                 Ok((bdf, timing)) => {
@@ -553,6 +575,11 @@ impl<'a> Agent<'a> {
                 self.config.run_dir.display()
             );
         }
+        self.apply_timing = Some(ApplyTiming {
+            entries: entries.len(),
+            bound,
+            applied: received.elapsed(),
+        });
         answers
     }
 

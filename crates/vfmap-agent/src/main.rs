@@ -58,6 +58,19 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
             Line::Complete(bytes) => match parse_host_message(&bytes) {
                 Ok(HostMessage::Apply { id, entries, .. }) => {
                     let answers = agent.apply(&entries);
+                    // The answer goes out first: the host waits for it, and the lines below go
+                    // to the console, in most VMs a serial port that is slow to write and
+                    // shared with the guest's own output. (Publishing, `devices.json` and
+                    // `by-function/`, is done by then: a guest program told by the host that
+                    // its device is ready finds it published.)
+                    let sent = send(
+                        &mut port,
+                        &GuestMessage::Result {
+                            v: VERSION,
+                            id,
+                            entries: answers.clone(),
+                        },
+                    );
                     for a in &answers {
                         say!(
                             "vfmap-agent: {}",
@@ -72,14 +85,17 @@ fn serve(agent: &mut Agent<'_>, mut port: File) -> std::io::Result<()> {
                             t.bind.as_millis()
                         );
                     }
-                    send(
-                        &mut port,
-                        &GuestMessage::Result {
-                            v: VERSION,
-                            id,
-                            entries: answers,
-                        },
-                    )?;
+                    if let Some(t) = agent.apply_timing() {
+                        let seen = agent.timings().iter().map(|t| t.device).max();
+                        say!(
+                            "vfmap-agent: timing apply entries={} seen_ms={} bound_ms={} applied_ms={}",
+                            t.entries,
+                            seen.unwrap_or_default().as_millis(),
+                            t.bound.as_millis(),
+                            t.applied.as_millis()
+                        );
+                    }
+                    sent?;
                 }
                 Err(e) => send(
                     &mut port,

@@ -231,6 +231,14 @@ fn same_id_devices_get_their_functions_drivers() {
         "{}",
         target.display()
     );
+    // The apply's own timing (the benchmarks split the host's wait with it): every entry
+    // found and bound before `bound`, published by `applied`.
+    let apply = agent.apply_timing().expect("an apply's timing");
+    assert_eq!(apply.entries, 3);
+    for t in agent.timings() {
+        assert!(t.device + t.bind <= apply.bound, "{t:?} vs {apply:?}");
+    }
+    assert!(apply.bound <= apply.applied, "{apply:?}");
 }
 
 #[test]

@@ -167,6 +167,8 @@ impl Engine {
                 .map(|i| (i, StepError::Channel(e.clone())))
                 .collect::<Vec<_>>()
         })?;
+        // Logged for the stage split of the nested benchmark: answered -> ready is the commit.
+        info!(vm = %vm.name, answers = answers.len(), "agent answered");
         *answered = true;
         let mut failed = Vec::new();
         for (i, vf) in vfs.iter_mut().enumerate() {
