@@ -168,12 +168,12 @@ controllers_online() {
 }
 
 # launch_vm NAME INITRD [EXTRA_KERNEL_ARGS]: starts (in the background, without waiting) a VM
-# with 4 empty root ports, QMP, the channel and the agent from INITRD (the same pieces as
+# with 4 empty root ports (VM_PORTS if set, up to 8), QMP, the channel and the agent from INITRD (the same pieces as
 # scripts/vm/run-agent-vm, from common.sh). Its files are $W/NAME.qmp, $W/NAME.agent (the
 # channel's socket) and $W/NAME.console.
 launch_vm() {
     local name=$1 initrd=$2 devices=()
-    vm_root_ports devices 4
+    vm_root_ports devices "${VM_PORTS:-4}"
     vm_agent_channel devices "$W/$name.agent"
     qemu-system-x86_64 -accel tcg -machine q35 -cpu max -m 256 -smp 1 -display none -no-reboot -monitor none \
         -kernel "/boot/vmlinuz-$KVER" -initrd "$initrd" \

@@ -1,7 +1,8 @@
-//! `vfmap-baseline-bind PORT DRIVER`: the benchmarks' baseline, what a careful person would do
-//! by hand without vfmap, run in the guest: bind DRIVER to whatever appears behind the root
-//! port PORT (e.g. `0000:00:03.3`) with `driver_override` and `drivers_probe`, and print
-//! `VFMAP-BASELINE-BOUND <bdf>` on stdout once the device is bound to it.
+//! `vfmap-baseline-bind PORT[,PORT...] DRIVER`: the benchmarks' baseline, what a careful person
+//! would do by hand without vfmap, run in the guest: bind DRIVER to whatever appears behind the
+//! root ports PORT (e.g. `0000:00:03.3`) with `driver_override` and `drivers_probe`, and print
+//! `VFMAP-BASELINE-BOUND <bdf>` on stdout once the device is bound to it. Several ports are
+//! watched by the one loop (the 3-device baseline).
 //!
 //! No process is forked (a shell loop's `sleep` and subshells cost milliseconds each under
 //! TCG), the port is looked at every 5 ms, and a driver that matched the device's ID and took
@@ -12,7 +13,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const POLL: Duration = Duration::from_millis(5);
@@ -20,17 +21,26 @@ const POLL: Duration = Duration::from_millis(5);
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [port, driver] = args.as_slice() else {
-        eprintln!("usage: vfmap-baseline-bind PORT DRIVER (e.g. 0000:00:03.3 pci-stub)");
+        eprintln!("usage: vfmap-baseline-bind PORT[,PORT...] DRIVER (e.g. 0000:00:03.3 pci-stub)");
         std::process::exit(2);
     };
-    let port_dir = Path::new("/sys/devices/pci0000:00").join(port);
+    let port_dirs: Vec<PathBuf> = port
+        .split(',')
+        .map(|p| Path::new("/sys/devices/pci0000:00").join(p))
+        .collect();
     let mut reported: HashSet<String> = HashSet::new();
     loop {
-        let present = devices_behind(&port_dir);
-        reported.retain(|bdf| present.contains(bdf));
-        for bdf in &present {
-            let dev = port_dir.join(bdf);
-            match bound_driver(&dev) {
+        let present: Vec<(PathBuf, String)> = port_dirs
+            .iter()
+            .flat_map(|dir| {
+                devices_behind(dir)
+                    .into_iter()
+                    .map(|bdf| (dir.join(&bdf), bdf))
+            })
+            .collect();
+        reported.retain(|bdf| present.iter().any(|(_, p)| p == bdf));
+        for (dev, bdf) in &present {
+            match bound_driver(dev) {
                 Some(d) if d == *driver => {
                     if reported.insert(bdf.clone()) {
                         let mut out = std::io::stdout().lock();
