@@ -713,7 +713,11 @@ async fn a_vm_its_manager_stopped_gives_its_vfs_back_and_an_undefined_one_is_for
     assert_eq!(free(&engine, "crypto"), 2);
     // A domain that is gone has no agent to tell: waiting for one would cost the whole agent
     // deadline per VF (minutes in the nested rig).
-    assert_eq!(rig.agent.seen.lock().unwrap().len(), told, "the agent was not asked");
+    assert_eq!(
+        rig.agent.seen.lock().unwrap().len(),
+        told,
+        "the agent was not asked"
+    );
 }
 
 #[tokio::test]

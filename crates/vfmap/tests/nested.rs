@@ -131,7 +131,10 @@ fn run_nested(mode: &str, limit: u32) -> Option<NestedRun> {
     let root = common::repo_root();
     let cache = root.join(".cache/vm");
     let agent_files = vec![format!("{}:/bin/vfmap-agent", agent.display())];
-    for (image, files) in [("agent.cpio.gz", agent_files), ("nested.cpio.gz", Vec::new())] {
+    for (image, files) in [
+        ("agent.cpio.gz", agent_files),
+        ("nested.cpio.gz", Vec::new()),
+    ] {
         let status = Command::new(root.join("scripts/vm/build-initramfs"))
             .arg(cache.join(image))
             .args(files)
