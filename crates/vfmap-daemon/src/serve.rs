@@ -217,7 +217,7 @@ fn setup(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
 ///
 /// The API socket is bound right after the lock, the config and the profiles: it answers
 /// within milliseconds, whatever the size of the host. Discovery, host preparation, the state
-/// database and recovery run behind it ([`start`]); until they are done, health says the
+/// database and recovery run behind it (`start`); until they are done, health says the
 /// phase and requests that need the pool wait for it (bounded) or get 503 `starting`
 /// ([`crate::readiness`]). A start-up that fails stops the daemon with its error, as before.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
