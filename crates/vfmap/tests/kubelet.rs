@@ -78,30 +78,7 @@ fn a_real_kubelet_gets_vfs_by_function_from_the_real_daemon() {
         "no console; run-nested said: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let checks: Vec<&str> = console
-        .lines()
-        .filter(|l| l.starts_with("VFMAP-CHECK "))
-        .collect();
-    let failed: Vec<&&str> = checks
-        .iter()
-        .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "failed checks: {failed:#?}; console log: {shown}"
-    );
-    for check in REQUIRED {
-        assert!(
-            checks
-                .iter()
-                .any(|l| l.starts_with(&format!("VFMAP-CHECK {check} ok"))),
-            "check {check} did not run; console log: {shown}"
-        );
-    }
-    assert!(
-        console.contains("VFMAP-RESULT PASS"),
-        "no VFMAP-RESULT PASS; console log: {shown}"
-    );
+    common::assert_scenario_passed("kubelet", &console, REQUIRED, &log);
     assert!(output.status.success(), "run-nested failed: {shown}");
 }
 

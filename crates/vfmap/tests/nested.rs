@@ -73,30 +73,7 @@ impl NestedRun {
             .split_once(&marker)
             .map(|(_, rest)| rest.split("VFMAP-SCENARIO ").next().unwrap_or(rest))
             .unwrap_or_else(|| panic!("scenario {name} did not run; console log: {log}"));
-        let checks: Vec<&str> = part
-            .lines()
-            .filter(|l| l.starts_with("VFMAP-CHECK "))
-            .collect();
-        let failed: Vec<&&str> = checks
-            .iter()
-            .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{name}: failed checks: {failed:#?}; console log: {log}"
-        );
-        for check in required {
-            assert!(
-                checks
-                    .iter()
-                    .any(|l| l.starts_with(&format!("VFMAP-CHECK {check} ok"))),
-                "{name}: check {check} did not run; console log: {log}"
-            );
-        }
-        assert!(
-            part.contains("VFMAP-RESULT PASS"),
-            "{name}: no VFMAP-RESULT PASS; console log: {log}"
-        );
+        common::assert_scenario_passed(name, part, required, &self.log);
     }
 }
 

@@ -144,3 +144,34 @@ pub fn require_guest_binary(name: &str) -> Option<PathBuf> {
         Err(why) => panic!("VFMAP_REQUIRE_VM is set but {why}"),
     }
 }
+
+/// The verdict of a scenario's console output (its `VFMAP-CHECK NAME ok|FAIL DETAIL` lines and
+/// `VFMAP-RESULT`): no check failed, each of `required` ran and passed, and the scenario
+/// passed. `what` names it and `log` is where the whole console is, for the messages.
+pub fn assert_scenario_passed(what: &str, console: &str, required: &[&str], log: &Path) {
+    let log = log.display();
+    let checks: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("VFMAP-CHECK "))
+        .collect();
+    let failed: Vec<&&str> = checks
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some("FAIL"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: failed checks: {failed:#?}; console log: {log}"
+    );
+    for check in required {
+        assert!(
+            checks
+                .iter()
+                .any(|l| l.starts_with(&format!("VFMAP-CHECK {check} ok"))),
+            "{what}: check {check} did not run; console log: {log}"
+        );
+    }
+    assert!(
+        console.contains("VFMAP-RESULT PASS"),
+        "{what}: no VFMAP-RESULT PASS; console log: {log}"
+    );
+}
