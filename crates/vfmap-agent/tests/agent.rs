@@ -953,3 +953,64 @@ fn functions_without_ids_are_warned_about() {
         "{warnings:?}"
     );
 }
+
+/// `by-function/<function>`'s entries, sorted, each `name -> target's last part`.
+fn links(g: &Guest, function: &str) -> Vec<String> {
+    let dir = g.dir.path().join("run/by-function").join(function);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.file_name().unwrap().to_string_lossy()
+            )
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn later_publishes_change_only_what_differs_and_match_a_whole_one() {
+    let g = guest();
+    let mut agent = g.agent();
+    agent.apply(&three()[..1]);
+    assert_eq!(links(&g, "storage"), ["0 -> 0000:01:00.0"]);
+    // Added: two links, two new function directories.
+    agent.apply(&three());
+    assert_eq!(links(&g, "compress"), ["1 -> 0000:02:00.0"]);
+    assert_eq!(links(&g, "crypto"), ["2 -> 0000:03:00.0"]);
+    // Removed: the link and its function's directory, now empty.
+    agent.apply(&three()[1..]);
+    assert!(!g.dir.path().join("run/by-function/storage").exists());
+    assert_eq!(links(&g, "crypto"), ["2 -> 0000:03:00.0"]);
+    // Changed: local index 2 now names another device (its link is replaced, not removed
+    // first), and nothing temporary is left.
+    agent.apply(&[
+        entry(1, "compress", "uio_pci_generic", "03.1/00.0"),
+        entry(2, "crypto", "pci-stub", "03.0/00.0"),
+    ]);
+    assert_eq!(links(&g, "crypto"), ["2 -> 0000:01:00.0"]);
+    assert_eq!(links(&g, "compress"), ["1 -> 0000:02:00.0"]);
+    let published = g.published();
+    assert_eq!(published.len(), 2);
+    // What a new process publishes whole from the same state is the same.
+    let before: Vec<Vec<String>> = ["storage", "compress", "crypto"]
+        .iter()
+        .map(|f| links(&g, f))
+        .collect();
+    drop(agent);
+    let mut again = g.agent();
+    again.publish().unwrap();
+    let after: Vec<Vec<String>> = ["storage", "compress", "crypto"]
+        .iter()
+        .map(|f| links(&g, f))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(g.published(), published);
+}
