@@ -219,7 +219,9 @@ fn orchestrator_placed_devices_get_their_drivers_from_config_drive_metadata() {
         console.display()
     );
     assert!(
-        text.contains("no virtio-serial port \"vfmap\": serving the metadata's devices only"),
+        text.contains(
+            "no virtio-serial port org.vfmap.0 or vfmap: serving the metadata's devices only"
+        ),
         "metadata-only mode; console log in {}",
         console.display()
     );
