@@ -3,8 +3,9 @@
 //! libvirt owns the domain's QEMU monitor, so vfmap asks libvirt: it reads the domain's live
 //! XML (`virsh dumpxml`, parsed by the pure [`xml`] module), hot-plugs a `<hostdev
 //! managed='no'>` with an explicit guest address on the chosen root port (`virsh
-//! attach-device --live`, the XML on stdin), and unplugs by alias (`virsh
-//! detach-device-alias`), then re-reads the live XML until the device is gone, with a
+//! attach-device --live`, the XML on stdin, and `dumpxml` in the same run: one `;`-separated
+//! virsh command line, the domain name quoted for virsh's own parser), and unplugs by alias
+//! (`virsh detach-device-alias`), then re-reads the live XML until the device is gone, with a
 //! deadline. Every `virsh` runs with `--connect URI`, its arguments as separate words (no
 //! shell), and a time limit; it is killed when the limit passes.
 //!
