@@ -393,6 +393,17 @@ async fn inbox_closed(inbox: &mpsc::Receiver<Request>) -> bool {
     false
 }
 
+/// Why a request's answer never came when its reply was dropped. The link's sweep drops a
+/// request at its deadline, and may get there before the caller's own timer fires: that is still
+/// the agent not answering in time, not a broken channel.
+fn lost_answer(until: Instant, now: Instant, deadline: Duration) -> ChannelError {
+    if now >= until {
+        ChannelError::Timeout(deadline)
+    } else {
+        ChannelError::Io("the guest channel closed before the agent answered".into())
+    }
+}
+
 impl GuestChannel for AgentChannel {
     fn apply<'a>(
         &'a self,
@@ -426,9 +437,7 @@ impl GuestChannel for AgentChannel {
             }
             match tokio::time::timeout_at(until, answer).await {
                 Ok(Ok(answers)) => answers,
-                Ok(Err(_)) => Err(ChannelError::Io(
-                    "the guest channel closed before the agent answered".into(),
-                )),
+                Ok(Err(_)) => Err(lost_answer(until, Instant::now(), deadline)),
                 Err(_) => Err(ChannelError::Timeout(deadline)),
             }
         })
@@ -447,5 +456,28 @@ impl GuestChannel for AgentChannel {
         {
             link.task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_dropped_at_the_deadline_is_a_timeout_and_before_it_a_broken_channel() {
+        let until = Instant::now();
+        let deadline = Duration::from_secs(2);
+        assert_eq!(
+            lost_answer(until, until, deadline),
+            ChannelError::Timeout(deadline)
+        );
+        assert_eq!(
+            lost_answer(until, until + Duration::from_millis(3), deadline),
+            ChannelError::Timeout(deadline)
+        );
+        assert!(matches!(
+            lost_answer(until, until - Duration::from_millis(3), deadline),
+            ChannelError::Io(_)
+        ));
     }
 }
