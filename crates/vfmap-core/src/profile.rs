@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::{Bdf, PciId};
 
+mod hooks;
+
+pub use hooks::{
+    DEFAULT_HOOK_DEADLINE, HookPath, HookPhase, Hooks, MAX_HOOK_DEADLINE, ProgramTargets,
+};
+
 /// The driver the host binds a VF to when a function names none.
 pub const DEFAULT_HOST_DRIVER: &str = "vfio-pci";
 
@@ -204,6 +210,11 @@ pub struct CardFunction {
     pub desc: FunctionDesc,
     /// VF numbers (relative to the PF) that carry it.
     pub vfs: VfSet,
+    /// This function's own hooks, over the card's (`program`: when a VF becomes this
+    /// function; `scrub` and `bring_up`: for VFs carrying it).
+    pub hooks: Hooks,
+    /// The functions a VF carrying this one may be re-programmed into at run time.
+    pub programmable_to: ProgramTargets,
 }
 
 /// A card model (or one PF) and the layout of its VFs.
@@ -223,6 +234,8 @@ pub struct Card {
     pub num_vfs: u16,
     /// The functions, in file order.
     pub functions: Vec<CardFunction>,
+    /// The card's hooks (`[card.hooks]`).
+    pub hooks: Hooks,
 }
 
 impl Card {
@@ -237,6 +250,31 @@ impl Card {
             .iter()
             .find(|f| f.vfs.contains(vf_index))
             .map(|f| &f.desc)
+    }
+
+    /// One of the card's functions, by name.
+    pub fn function(&self, name: &str) -> Option<&CardFunction> {
+        self.functions.iter().find(|f| f.desc.name.as_str() == name)
+    }
+
+    /// The hook for `phase` and its deadline: `function`'s own when it names one, else the
+    /// card's. For `program`, `function` is the function the VF becomes; for `scrub` and
+    /// `bring_up`, the one it carries.
+    pub fn hook(
+        &self,
+        phase: HookPhase,
+        function: Option<&str>,
+    ) -> Option<(&HookPath, std::time::Duration)> {
+        let own = function
+            .and_then(|f| self.function(f))
+            .and_then(|f| f.hooks.get(phase).map(|h| (h, f.hooks.deadline)));
+        own.or_else(|| self.hooks.get(phase).map(|h| (h, self.hooks.deadline)))
+    }
+
+    /// Whether a VF carrying `from` may be re-programmed into `to` (the profile's policy).
+    pub fn may_program(&self, from: &str, to: &str) -> bool {
+        self.function(from)
+            .is_some_and(|f| f.programmable_to.iter().any(|t| t.as_str() == to))
     }
 }
 
@@ -272,6 +310,8 @@ struct CardSpec {
     /// The functions of the card's VFs.
     #[serde(default)]
     function: Vec<FunctionSpec>,
+    /// The card's hooks.
+    hooks: Option<hooks::HooksSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +328,11 @@ struct FunctionSpec {
     guest_driver: String,
     /// Driver the host binds; vfio-pci by default.
     host_driver: Option<String>,
+    /// This function's own hooks.
+    hooks: Option<hooks::HooksSpec>,
+    /// Functions a VF carrying this one may be re-programmed into.
+    #[serde(default)]
+    programmable_to: Vec<String>,
 }
 
 impl Profiles {
@@ -429,7 +474,13 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
         )
     })?;
 
+    let card_hooks = spec
+        .hooks
+        .unwrap_or_default()
+        .validate(true, DEFAULT_HOOK_DEADLINE)
+        .map_err(|(field, problem)| invalid(&field, problem))?;
     let mut functions: Vec<CardFunction> = Vec::new();
+    let mut targets: Vec<Vec<String>> = Vec::new();
     for f in spec.function {
         let fn_place = format!("{card_place}, function {:?}", f.name);
         let invalid = |field: &str, problem: String| ProfileError::Invalid {
@@ -484,6 +535,12 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
             DriverName::new(&f.guest_driver).map_err(|p| invalid("guest_driver", p))?;
         let host_driver = DriverName::new(f.host_driver.as_deref().unwrap_or(DEFAULT_HOST_DRIVER))
             .map_err(|p| invalid("host_driver", p))?;
+        let hooks = f
+            .hooks
+            .unwrap_or_default()
+            .validate(false, card_hooks.deadline)
+            .map_err(|(field, problem)| invalid(&field, problem))?;
+        targets.push(f.programmable_to);
         functions.push(CardFunction {
             desc: FunctionDesc {
                 name,
@@ -492,9 +549,11 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
                 host_driver,
             },
             vfs,
+            hooks,
+            programmable_to: ProgramTargets::new(),
         });
     }
-    Ok(Card {
+    let mut card = Card {
         name: spec.name,
         source: file.to_owned(),
         vendor,
@@ -502,7 +561,45 @@ fn validate_card(spec: CardSpec, number: usize, file: &str) -> Result<Card, Prof
         pf,
         num_vfs,
         functions,
-    })
+        hooks: card_hooks,
+    };
+    for (i, names) in targets.into_iter().enumerate() {
+        let from = card.functions[i].desc.name.clone();
+        let invalid = |problem: String| ProfileError::Invalid {
+            file: file.to_owned(),
+            place: format!(
+                "{card_place}, function {:?}, field `programmable_to`",
+                from.as_str()
+            ),
+            problem,
+        };
+        let mut set = ProgramTargets::new();
+        for name in names {
+            let Some(to) = card.function(&name) else {
+                return Err(invalid(format!(
+                    "{:?} is not a function of this card; a VF can only be re-programmed into \
+                     one of its card's functions",
+                    name.escape_debug().to_string()
+                )));
+            };
+            if to.desc.name == from {
+                return Err(invalid(
+                    "a function cannot be re-programmed into itself".into(),
+                ));
+            }
+            if card.hook(HookPhase::Program, Some(&name)).is_none() {
+                return Err(invalid(format!(
+                    "re-programming into {name:?} needs a `program` hook: give one in \
+                     [card.hooks] or in function {name:?}'s hooks"
+                )));
+            }
+            if !set.insert(to.desc.name.clone()) {
+                return Err(invalid(format!("{name:?} is listed twice")));
+            }
+        }
+        card.functions[i].programmable_to = set;
+    }
+    Ok(card)
 }
 
 #[cfg(test)]
