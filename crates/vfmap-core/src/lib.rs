@@ -5,6 +5,8 @@
 //! Nothing here does I/O; adapters (sysfs, the CLI) feed it facts and execute its plans.
 
 pub mod addr;
+pub mod config_space;
+pub mod discovered;
 pub mod facts;
 pub mod index;
 pub mod kubelet;

@@ -9,9 +9,14 @@ use std::path::PathBuf;
 
 mod discover;
 pub mod doctor;
+pub mod hooks;
 mod prepare;
 
 pub use discover::Sysfs;
+pub use hooks::{
+    HookContext, HookError, HookOutput, HookPathError, HookPhase, Invocation, check_hook_path,
+    run_hook,
+};
 pub use prepare::{
     FileWriter, Modprobe, ModuleLoader, PrepareError, PrepareReport, SysfsWriter, ensure_bound,
     prepare, reset_function,
