@@ -7,11 +7,13 @@
 use std::io;
 use std::path::PathBuf;
 
+mod config;
 mod discover;
 pub mod doctor;
 pub mod hooks;
 mod prepare;
 
+pub use config::{MAX_CONFIG_LEN, VerifyError, read_config, verify_reset_state};
 pub use discover::Sysfs;
 pub use hooks::{
     HookContext, HookError, HookOutput, HookPathError, HookPhase, Invocation, check_hook_path,

@@ -3,7 +3,8 @@
 //! - [`SysfsTree`] builds a sysfs tree in a directory laid out the way Linux lays it out:
 //!   device directories under `devices/pciDDDD:00/<root port>/`, `bus/pci/devices/*` symlinks
 //!   to them, `virtfnN`/`physfn`/`driver`/`iommu_group` links with relative targets, and a
-//!   `config` file per device so `lspci -A linux-sysfs` can read the same tree.
+//!   `config` file per device so `lspci -A linux-sysfs` can read the same tree (a VF's in its
+//!   reset state, with PCI Express and MSI-X capabilities; [`set_vf_config_dirty`] spoils it).
 //! - [`FakeKernel`] implements [`SysfsWriter`] by reacting to writes the way the PCI core does
 //!   (`sriov_numvfs` creates VFs, `unbind`/`drivers_probe`/`driver_override` move bindings,
 //!   vfio-pci refuses a device without an IOMMU group), and logs every write.
@@ -119,6 +120,80 @@ const SRIOV_NUM_VFS: usize = 0x10;
 const SRIOV_VF_OFFSET: usize = 0x14;
 const SRIOV_VF_STRIDE: usize = 0x16;
 const SRIOV_VF_DEVICE: usize = 0x1a;
+
+/// Where a generated VF's capabilities sit in its `config`: MSI-X (12 bytes), then PCI Express
+/// (60 bytes), apart.
+const VF_MSIX_CAP: usize = 0x70;
+const VF_PCIE_CAP: usize = 0x80;
+
+/// A VF's `config` as it reads after a function-level reset, as root (256 bytes): the IDs and
+/// NVMe class code every generated device has, the capability list (Status bit 4) holding an
+/// MSI-X capability (8 vectors, table and PBA in BAR 0, Enable off) and a PCI Express endpoint
+/// capability (FLR supported); command register 0 and BARs zero, as a VF's read.
+fn vf_config(vendor: PciId, device: PciId) -> Vec<u8> {
+    let mut config = vec![0u8; 256];
+    config[0..2].copy_from_slice(&vendor.0.to_le_bytes());
+    config[2..4].copy_from_slice(&device.0.to_le_bytes());
+    config[0x06] = 0x10;
+    config[9..12].copy_from_slice(&[0x02, 0x08, 0x01]);
+    config[0x34] = VF_MSIX_CAP as u8;
+    let msix = &mut config[VF_MSIX_CAP..];
+    // ID, next, Message Control (table size 8, Enable off), table and PBA in BAR 0.
+    msix[0..4].copy_from_slice(&[0x11, VF_PCIE_CAP as u8, 0x07, 0x00]);
+    msix[4..8].copy_from_slice(&0x2000u32.to_le_bytes());
+    msix[8..12].copy_from_slice(&0x3000u32.to_le_bytes());
+    let pcie = &mut config[VF_PCIE_CAP..];
+    // ID, end of list, PCIe Capabilities (version 2, endpoint), Device Capabilities (FLR).
+    pcie[0..4].copy_from_slice(&[0x10, 0x00, 0x02, 0x00]);
+    pcie[4..8].copy_from_slice(&(1u32 << 28).to_le_bytes());
+    config
+}
+
+/// What [`set_vf_config_dirty`] leaves behind in a VF's `config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dirty {
+    /// Bus Master on in the Command register.
+    BusMaster,
+    /// MSI-X Enable on.
+    MsixEnabled,
+    /// BAR 0 still holding an address (0xfe000000).
+    Bar0,
+}
+
+/// Leaves `vf`'s `config` (in the tree at `root`) out of its reset state, so the scrub's
+/// verification fails; calls add up. Panics when the file is not a generated VF's.
+pub fn set_vf_config_dirty(root: &Path, vf: Bdf, what: Dirty) {
+    let path = root
+        .join("bus/pci/devices")
+        .join(vf.to_string())
+        .join("config");
+    let mut config = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(
+        config.get(VF_MSIX_CAP),
+        Some(&0x11),
+        "{} is not a generated VF's config",
+        path.display()
+    );
+    match what {
+        Dirty::BusMaster => config[0x04] |= 0x04,
+        Dirty::MsixEnabled => config[VF_MSIX_CAP + 3] |= 0x80,
+        Dirty::Bar0 => config[0x10..0x14].copy_from_slice(&0xfe00_0000u32.to_le_bytes()),
+    }
+    fs::write(&path, config).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Puts `vf`'s `config` (in the tree at `root`) back in its reset state, IDs kept: what a
+/// reset that worked leaves.
+pub fn reset_vf_config(root: &Path, vf: Bdf) {
+    let path = root
+        .join("bus/pci/devices")
+        .join(vf.to_string())
+        .join("config");
+    let config = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let id = |at: usize| PciId(u16::from_le_bytes([config[at], config[at + 1]]));
+    fs::write(&path, vf_config(id(0), id(2)))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
 
 /// A 16-bit field of the SR-IOV capability in `config`, when the file holds one.
 fn sriov_cap_field(config: &Path, field: usize) -> Option<u16> {
@@ -382,6 +457,7 @@ impl SysfsTree {
             })?;
             // VFs are siblings of their PF in the device tree, whatever their bus number.
             let vf_dir = self.add_device(vf, pf.bus, vendor, vf_device, numa);
+            fs::write(vf_dir.join("config"), vf_config(vendor, vf_device))?;
             symlink(format!("../{vf}"), pf_dir.join(format!("virtfn{i}")))?;
             symlink(format!("../{pf}"), vf_dir.join("physfn"))?;
             fs::create_dir_all(self.root.join(format!("kernel/iommu_groups/{group}")))?;
