@@ -117,6 +117,8 @@ pub enum HolderRef<'a> {
     Vm(&'a crate::pool::Assignment),
     /// The kubelet.
     Kubelet(&'a KubeletHold),
+    /// Nobody, but it is out of the pool until an operator clears it.
+    Quarantined(&'a crate::quarantine::Quarantine),
 }
 
 impl Pool {
@@ -136,6 +138,8 @@ impl Pool {
             HolderRef::Vm(a)
         } else if let Some(h) = self.kubelet.get(&index) {
             HolderRef::Kubelet(h)
+        } else if let Some(q) = self.quarantine.get(&index) {
+            HolderRef::Quarantined(q)
         } else {
             HolderRef::Free
         }
@@ -192,6 +196,12 @@ impl Pool {
                     return Err(PoolError::Taken {
                         vf: vf.location,
                         by: format!("VM {}", a.vm),
+                    });
+                }
+                HolderRef::Quarantined(_) => {
+                    return Err(PoolError::Taken {
+                        vf: vf.location,
+                        by: "quarantine (see `vfmap quarantine list`)".into(),
                     });
                 }
             }

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod pool;
 pub mod profile;
 pub mod protocol;
+pub mod quarantine;
 pub mod tables;
 pub mod whole;
 

@@ -424,6 +424,9 @@ pub enum PoolError {
     /// No assignment for that VF.
     #[error("VF {0} is not assigned")]
     NotAssigned(GlobalIndex),
+    /// The VF is not quarantined.
+    #[error("VF {0} is not quarantined")]
+    NotQuarantined(GlobalIndex),
 }
 
 /// A validated change, to persist and then apply.
@@ -473,6 +476,13 @@ pub enum Change {
         /// The VF.
         global_index: GlobalIndex,
     },
+    /// A VF just freed goes out of the pool (its scrub failed).
+    Quarantine(crate::quarantine::Quarantine),
+    /// An operator cleared a quarantined VF: it is free.
+    ClearQuarantine {
+        /// The VF.
+        global_index: GlobalIndex,
+    },
 }
 
 /// VMs, VFs and assignments.
@@ -484,6 +494,8 @@ pub struct Pool {
     by_slot: BTreeMap<(VmName, LocalIndex), GlobalIndex>,
     /// The kubelet's holds (`crate::kubelet`); never a key of `assignments` too.
     pub(crate) kubelet: BTreeMap<GlobalIndex, crate::kubelet::KubeletHold>,
+    /// VFs out of the pool after a failed scrub (`crate::quarantine`); held by nobody.
+    pub(crate) quarantine: BTreeMap<GlobalIndex, crate::quarantine::Quarantine>,
 }
 
 impl Pool {
@@ -556,6 +568,7 @@ impl Pool {
         vf.function.as_ref().is_some_and(|f| f.as_str() == function)
             && !self.assignments.contains_key(&vf.global_index)
             && !self.kubelet.contains_key(&vf.global_index)
+            && !self.quarantine.contains_key(&vf.global_index)
     }
 
     /// Validates a VM registration.
@@ -859,6 +872,7 @@ impl Pool {
             | Change::KubeletOwner { .. }
             | Change::KubeletReleasing { .. }
             | Change::KubeletFree { .. } => self.apply_kubelet(change),
+            Change::Quarantine(_) | Change::ClearQuarantine { .. } => self.apply_quarantine(change),
         }
     }
 
@@ -940,7 +954,8 @@ impl Pool {
         if slots_seen != self.by_slot {
             return Err("the slot index disagrees with the assignments".into());
         }
-        self.check_kubelet_invariants()
+        self.check_kubelet_invariants()?;
+        self.check_quarantine_invariants()
     }
 }
 

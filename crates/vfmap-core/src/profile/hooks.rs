@@ -76,10 +76,7 @@ impl HookPath {
             Err(format!(
                 "{text:?} is not an absolute path; give the hook's full path, e.g. /usr/lib/vfmap/hooks/acme"
             ))
-        } else if text.len() > 4096
-            || !text.bytes().all(|b| b.is_ascii_graphic())
-            || !normal
-        {
+        } else if text.len() > 4096 || !text.bytes().all(|b| b.is_ascii_graphic()) || !normal {
             Err(format!(
                 "{:?} is not a plain absolute file path (printable ASCII without spaces, no '.' or \
                  '..' components, at most 4096 bytes)",
