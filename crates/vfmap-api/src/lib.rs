@@ -252,6 +252,53 @@ pub struct Failure {
     pub at: u64,
 }
 
+/// A VF out of the pool after a failed scrub, until an operator clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantinedVf {
+    /// Stable global index.
+    pub global_index: GlobalIndex,
+    /// Host location.
+    pub location: Bdf,
+    /// The function it carries.
+    #[schema(required)]
+    pub function: Option<FunctionName>,
+    /// What the scrub found (the config space check after the reset, or the card's wipe).
+    pub reason: String,
+    /// Since when, in seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// `GET /v1/quarantine`: the quarantined VFs, by global index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineList {
+    /// The VFs.
+    pub vfs: Vec<QuarantinedVf>,
+}
+
+/// `POST /v1/quarantine/{global_index}/clear`: how to clear a quarantined VF.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClearQuarantine {
+    /// Return the VF to the pool without scrubbing it again first (by default the clear runs
+    /// the scrub again and is refused, `still_dirty`, when it fails).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to a clear: the VF is free again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cleared {
+    /// The VF.
+    pub global_index: GlobalIndex,
+    /// Its location.
+    pub location: Bdf,
+    /// Whether the scrub ran again before (false with `force`).
+    pub scrubbed: bool,
+}
+
 /// A VM: its registration, its correspondence table and its recent failures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -544,6 +591,11 @@ error_codes! {
     VmHoldsVfs = "vm_holds_vfs", 409;
     /// The assignment is not in a state that allows the change.
     Conflict = "conflict", 409;
+    /// No quarantined VF has that global index.
+    NotQuarantined = "not_quarantined", 404;
+    /// The quarantined VF's scrub failed again; it stays quarantined (`force` clears it
+    /// anyway).
+    StillDirty = "still_dirty", 409;
     /// An attach failed for another reason (e.g. the function names no drivers); it was
     /// rolled back.
     AttachFailed = "attach_failed", 502;

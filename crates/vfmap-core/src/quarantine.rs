@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::addr::Bdf;
 use crate::index::GlobalIndex;
 use crate::kubelet::{HoldState, HolderRef};
-use crate::pool::{AssignState, Change, Pool, PoolError};
+use crate::pool::{Change, Pool, PoolError};
 
 /// Why a VF is out of the pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,9 +39,9 @@ impl Pool {
         self.quarantine.get(&index)
     }
 
-    /// Validates ending the release of a VF (a VM's in `Releasing`, or the kubelet's being
-    /// released) by quarantining it instead of freeing it: the free and the quarantine, to be
-    /// committed together.
+    /// Validates ending the release of a VF (a VM's, released or rolled back, or the
+    /// kubelet's being released) by quarantining it instead of freeing it: the free and the
+    /// quarantine, to be committed together.
     pub fn plan_free_into_quarantine(
         &self,
         index: GlobalIndex,
@@ -49,16 +49,9 @@ impl Pool {
         since: u64,
     ) -> Result<Vec<Change>, PoolError> {
         let free = match self.holder(index) {
-            HolderRef::Vm(a) if a.state == AssignState::Releasing => self.plan_free(index)?,
+            HolderRef::Vm(_) => self.plan_free(index)?,
             HolderRef::Kubelet(h) if h.state == HoldState::Releasing => {
                 self.plan_kubelet_free(index)?
-            }
-            HolderRef::Vm(a) => {
-                return Err(PoolError::BadTransition {
-                    global_index: index,
-                    from: a.state.as_str(),
-                    to: "quarantined",
-                });
             }
             HolderRef::Kubelet(h) => {
                 return Err(PoolError::BadTransition {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::pool::{PoolVf, Request, SlotId, VmBackend, VmName, VmSpec};
+use crate::pool::{AssignState, PoolVf, Request, SlotId, VmBackend, VmName, VmSpec};
 use crate::profile::{DriverName, FunctionName};
 
 const fn g(i: u32) -> GlobalIndex {
@@ -95,20 +95,30 @@ fn a_released_vf_goes_to_quarantine_is_never_handed_out_and_comes_back_when_clea
 }
 
 #[test]
-fn only_a_release_ends_in_quarantine() {
+fn a_held_vf_ends_in_quarantine_a_free_or_held_by_the_kubelet_one_does_not() {
     let mut pool = pool();
     assert_eq!(
         pool.plan_free_into_quarantine(g(0), "x", 0),
         Err(PoolError::NotAssigned(g(0)))
     );
+    // An attach rolled back.
     let change = pool.plan_reserve(&request(1)).unwrap();
     pool.apply(&change);
-    assert!(matches!(
+    for change in pool.plan_free_into_quarantine(g(0), "x", 0).unwrap() {
+        pool.apply(&change);
+    }
+    pool.check_invariants().unwrap();
+    assert_eq!(
         pool.plan_free_into_quarantine(g(0), "x", 0),
-        Err(PoolError::BadTransition {
-            from: "reserved",
-            ..
-        })
+        Err(PoolError::NotAssigned(g(0)))
+    );
+    let change = pool
+        .plan_kubelet_reserve("crypto", &[g(1)], None, 0)
+        .unwrap();
+    pool.apply(&change);
+    assert!(matches!(
+        pool.plan_free_into_quarantine(g(1), "x", 0),
+        Err(PoolError::BadTransition { from: "held", .. })
     ));
 }
 

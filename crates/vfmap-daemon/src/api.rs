@@ -25,10 +25,10 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use vfmap_api::{
-    AttachRequest, Attached, Detached, ErrorBody, ErrorCode, Health, HealthStatus, Inventory,
-    NewVm, Removed, Vm, VmList,
+    AttachRequest, Attached, ClearQuarantine, Cleared, Detached, ErrorBody, ErrorCode, Health,
+    HealthStatus, Inventory, NewVm, QuarantineList, Removed, Vm, VmList,
 };
-use vfmap_core::{FunctionName, LocalIndex, PoolError, Request, VmName};
+use vfmap_core::{FunctionName, GlobalIndex, LocalIndex, PoolError, Request, VmName};
 
 use crate::effects::{ChannelError, HypervisorError};
 use crate::engine::{Engine, EngineError, ReleaseError, StepError};
@@ -93,7 +93,9 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             PoolError::BadTransition { .. }
             | PoolError::NotAssigned(_)
             | PoolError::Taken { .. } => ErrorCode::Conflict,
+            PoolError::NotQuarantined(_) => ErrorCode::NotQuarantined,
         },
+        EngineError::StillDirty { .. } => ErrorCode::StillDirty,
         // The step that failed first decides; the message lists every VF.
         EngineError::AttachFailed { failures, .. } => failures
             .first()
@@ -523,6 +525,72 @@ async fn detach(
     }))
 }
 
+/// The VFs out of the pool after a failed scrub
+///
+/// A released VF whose config space was not back in the reset state after its reset, or
+/// whose card's wipe (`scrub` hook) failed, is kept out of the pool with the reason until an
+/// operator clears it.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    responses(
+        (status = 200, description = "The quarantined VFs", body = QuarantineList),
+        (status = 405, response = MethodNotAllowed),
+        (status = 503, response = Unavailable),
+    )
+)]
+async fn list_quarantine(Ready(engine): Ready) -> Json<QuarantineList> {
+    Json(QuarantineList {
+        vfs: engine.quarantined(),
+    })
+}
+
+/// Return a quarantined VF to the pool
+///
+/// The VF is reset and scrubbed again first (config space check, the card's wipe); when that
+/// fails it stays quarantined (`still_dirty`, the message says what was found). `force`
+/// skips the scrub.
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/{global_index}/clear",
+    params(
+        ("global_index" = GlobalIndex, Path, description = "The VF's global index, decimal digits", example = 3),
+    ),
+    request_body = ClearQuarantine,
+    responses(
+        (status = 200, description = "The VF is free again", body = Cleared),
+        (status = 400, response = BadRequest),
+        (status = 404, description = "`not_quarantined`: no quarantined VF has that global index", body = ErrorBody),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`still_dirty`: the scrub failed again; the VF stays quarantined", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 500, response = StateError),
+        (status = 503, response = Unavailable),
+    )
+)]
+async fn clear_quarantine(
+    Ready(engine): Ready,
+    ApiPath(index): ApiPath<String>,
+    body: Result<Json<ClearQuarantine>, JsonRejection>,
+) -> Result<Json<Cleared>, ApiError> {
+    let global_index = parse_global_index(&index)?;
+    let Json(body) = body?;
+    Ok(Json(
+        engine.clear_quarantine(global_index, body.force).await?,
+    ))
+}
+
+/// A global index in a path: decimal digits only.
+fn parse_global_index(text: &str) -> Result<GlobalIndex, ApiError> {
+    match text.parse::<u32>() {
+        Ok(n) if text.bytes().all(|b| b.is_ascii_digit()) => Ok(GlobalIndex::new(n)),
+        _ => Err(ApiError::bad_request(format!(
+            "{text:?} is not a global index (decimal digits, 0-4294967295)"
+        ))),
+    }
+}
+
 /// This document
 ///
 /// The API's OpenAPI 3.1 document, generated from the daemon's code; the same as
@@ -613,6 +681,11 @@ pub fn router_with(readiness: Readiness) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/attach", post(attach))
         .route("/v1/vms/{name}/devices/{local_index}", delete(detach))
+        .route("/v1/quarantine", get(list_quarantine))
+        .route(
+            "/v1/quarantine/{global_index}/clear",
+            post(clear_quarantine),
+        )
         .route("/v1/openapi.json", get(openapi_document))
         .route("/metrics", get(metrics))
         // After the routes: it applies to the routes registered before it.

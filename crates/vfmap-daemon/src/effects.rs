@@ -2,11 +2,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vfmap_api::NewVm;
+use vfmap_core::profile::HookPhase;
 use vfmap_core::protocol::{Answer, Entry, GuestPath};
-use vfmap_core::{Bdf, DriverName, SlotId, VmSpec};
+use vfmap_core::{Bdf, DriverName, FunctionName, SlotId, VmSpec};
 
 /// A boxed future, so the traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -232,6 +234,23 @@ pub enum HostError {
     },
 }
 
+/// Why a released VF is not clean: it goes to quarantine instead of back to the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrubError {
+    /// Its config space, read after the reset, is not in the reset state (or unreadable).
+    #[error("the config space check after the reset failed: {0}")]
+    NotReset(String),
+    /// The card's own wipe (its `scrub` hook) failed.
+    #[error(transparent)]
+    Hook(#[from] vfmap_sysfs::hooks::HookError),
+    /// The blocking task running the scrub stopped.
+    #[error("the scrub of {vf} stopped unexpectedly")]
+    Stopped {
+        /// The VF.
+        vf: Bdf,
+    },
+}
+
 /// Host-side VF operations (sysfs).
 pub trait HostVfs: Send + Sync {
     /// Binds the VF to its host driver (normally vfio-pci) unless it already is.
@@ -247,6 +266,12 @@ pub trait HostVfs: Send + Sync {
     /// it): a VF must not be reset under them. Empty when none, or when it cannot tell.
     fn group_users(&self, _vf: Bdf) -> Vec<u32> {
         Vec::new()
+    }
+    /// After a released VF's reset: checks its config space is back in the reset state, then
+    /// runs its card's `scrub` hook, if any, for `function` (what it carried). Doubles that
+    /// model no device are clean.
+    fn scrub(&self, _vf: Bdf, _function: Option<&FunctionName>) -> Result<(), ScrubError> {
+        Ok(())
     }
 }
 
@@ -280,6 +305,8 @@ pub struct SysfsHost {
     pub sysfs: vfmap_sysfs::Sysfs,
     /// How long a bind may take to show.
     pub settle: Duration,
+    /// The cards' hooks.
+    pub hooks: Arc<crate::hooks::CardHooks>,
 }
 
 impl HostVfs for SysfsHost {
@@ -324,6 +351,14 @@ impl HostVfs for SysfsHost {
             Some(group) => vfio_group_users(std::path::Path::new("/proc"), group),
             None => Vec::new(),
         }
+    }
+
+    fn scrub(&self, vf: Bdf, function: Option<&FunctionName>) -> Result<(), ScrubError> {
+        vfmap_sysfs::verify_reset_state(&self.sysfs, vf)
+            .map_err(|e| ScrubError::NotReset(e.to_string()))?;
+        self.hooks
+            .run_for_vf(HookPhase::Scrub, vf, function, None)?;
+        Ok(())
     }
 }
 

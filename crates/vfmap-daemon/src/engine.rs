@@ -29,7 +29,7 @@ use vfmap_core::{
 };
 
 use crate::effects::{
-    ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, chain,
+    ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, ScrubError, chain,
 };
 use crate::metrics::{Metrics, Outcome, Recovered, VfCounts};
 use cleanup::Cleanup;
@@ -38,6 +38,7 @@ pub use kubelet::{FunctionVf, VfHolder};
 mod attach;
 mod cleanup;
 mod kubelet;
+mod quarantine;
 mod recovery;
 mod release;
 mod views;
@@ -52,6 +53,16 @@ pub enum EngineError {
     /// The state database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A quarantined VF's scrub failed again: it stays quarantined.
+    #[error(
+        "VF {vf} is still not clean, it stays quarantined: {reason} (`force` clears it anyway)"
+    )]
+    StillDirty {
+        /// The VF.
+        vf: Bdf,
+        /// What the scrub found.
+        reason: String,
+    },
     /// A step failed; the attach was rolled back.
     #[error(
         "attach of {function:?} to VM {vm:?} failed and was rolled back: {}",
@@ -330,6 +341,7 @@ impl Engine {
             .collect();
         let rejected = pool.restore(loaded.vms, assignments);
         let rejected_holds = pool.restore_kubelet(loaded.kubelet);
+        let rejected_quarantines = pool.restore_quarantine(loaded.quarantine);
         for backend in adapters.hypervisor.backends() {
             metrics.add_backend(backend);
         }
@@ -368,6 +380,15 @@ impl Engine {
                 .store
                 .write(vec![Mutation::Pool(Change::KubeletFree {
                     global_index: h.global_index,
+                })])
+                .await?;
+        }
+        for (q, why) in rejected_quarantines {
+            warn!(vf = %q.location, why = %why, "dropping a stored quarantine");
+            engine
+                .store
+                .write(vec![Mutation::Pool(Change::ClearQuarantine {
+                    global_index: q.global_index,
                 })])
                 .await?;
         }

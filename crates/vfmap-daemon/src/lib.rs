@@ -14,6 +14,7 @@ pub mod api;
 pub mod channel;
 pub mod effects;
 pub mod engine;
+pub mod hooks;
 pub mod k8s;
 pub mod libvirt;
 pub mod lines;

@@ -122,6 +122,8 @@ pub struct VfCounts {
     /// Releasing, but the hypervisor did not confirm the unplug: waiting for a cleanup retry
     /// (or, once the attempts are used up, for `vfmap detach`).
     pub failed: u64,
+    /// Out of the pool after a failed scrub, until an operator clears it.
+    pub quarantined: u64,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,6 +148,12 @@ struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    phase: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VfLabels {
     function: String,
     state: &'static str,
@@ -167,6 +175,7 @@ pub struct Metrics {
     agent_link_up: Family<VmLabels, Gauge>,
     store_commit: Histogram,
     recovery: Family<DecisionLabels, Counter>,
+    hook_duration: Histograms<HookLabels>,
 }
 
 impl Default for Metrics {
@@ -230,6 +239,14 @@ impl Metrics {
             "Stored assignments recovery handled at start-up, by decision",
             recovery.clone(),
         );
+        let hook_duration: Histograms<HookLabels> =
+            Family::new_with_constructor(operation_histogram);
+        registry.register_with_unit(
+            "hook_duration",
+            "Duration of card hook runs (docs/hooks.md), by phase (bring_up, program, scrub, discover) and outcome (ok, failed)",
+            Unit::Seconds,
+            hook_duration.clone(),
+        );
         let start_time = Gauge::<f64, AtomicU64>::default();
         start_time.set(
             SystemTime::now()
@@ -250,7 +267,18 @@ impl Metrics {
             agent_link_up,
             store_commit,
             recovery,
+            hook_duration,
         }
+    }
+
+    /// A card hook (or the scrub's config-space check, phase `scrub`) ran.
+    pub fn hook_ran(&self, phase: &'static str, ok: bool, took: Duration) {
+        self.hook_duration
+            .get_or_create(&HookLabels {
+                phase,
+                outcome: if ok { "ok" } else { "failed" },
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Creates the attach and detach series of `backend` (at 0) for every outcome, so they
@@ -332,6 +360,7 @@ impl Metrics {
                 ("kubelet", counts.kubelet),
                 ("releasing", counts.releasing),
                 ("failed", counts.failed),
+                ("quarantined", counts.quarantined),
             ] {
                 gauge
                     .get_or_create(&VfLabels {
@@ -344,7 +373,7 @@ impl Metrics {
         let mut scraped = Registry::with_prefix("vfmap");
         scraped.register(
             "vfs",
-            "VFs that carry a function, by function and state (free, assigned: held by a VM, kubelet: held for a Kubernetes container, releasing, failed: releasing with an unplug the hypervisor did not confirm, waiting for a cleanup retry)",
+            "VFs that carry a function, by function and state (free, assigned: held by a VM, kubelet: held for a Kubernetes container, releasing, failed: releasing with an unplug the hypervisor did not confirm, waiting for a cleanup retry, quarantined: out of the pool after a failed scrub until an operator clears it)",
             gauge,
         );
         let mut text = String::with_capacity(4096);
@@ -380,6 +409,7 @@ mod tests {
         metrics.agent_link("web", true);
         metrics.store_committed(Duration::from_micros(300));
         metrics.recovered(Recovered::Keep);
+        metrics.hook_ran("scrub", false, Duration::from_millis(20));
         let text = metrics.encode(&[VfCounts {
             function: "crypto".into(),
             free: 6,
@@ -387,6 +417,7 @@ mod tests {
             kubelet: 2,
             releasing: 0,
             failed: 1,
+            quarantined: 3,
         }]);
         let types: Vec<&str> = text
             .lines()
@@ -401,6 +432,7 @@ mod tests {
                 "vfmap_agent_link_up gauge",
                 "vfmap_store_commit_duration_seconds histogram",
                 "vfmap_recovery_assignments_total counter",
+                "vfmap_hook_duration_seconds histogram",
                 "vfmap_start_time_seconds gauge",
                 "vfmap_vfs gauge",
             ],
@@ -419,6 +451,8 @@ mod tests {
             r#"vfmap_attach_failures_total{code="no_free_vf"} 1"#,
             r#"vfmap_attach_failures_total{code="busy"} 0"#,
             r#"vfmap_agent_link_up{vm="web"} 1"#,
+            r#"vfmap_hook_duration_seconds_count{phase="scrub",outcome="failed"} 1"#,
+            r#"vfmap_vfs{function="crypto",state="quarantined"} 3"#,
             r#"vfmap_store_commit_duration_seconds_count 1"#,
             r#"vfmap_recovery_assignments_total{decision="keep"} 1"#,
             r#"vfmap_recovery_assignments_total{decision="deferred"} 0"#,

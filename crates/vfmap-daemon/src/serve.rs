@@ -339,6 +339,8 @@ async fn start(
     let sysfs = Sysfs::new(&config.sysfs_root).with_threads(4);
     let settle = Duration::from_millis(config.settle_ms);
     let scanned = sysfs.clone();
+    // The hooks of the cards found, by VF, once the tables are known.
+    let profiles_for_hooks = profiles.clone();
     let report = blocking(move || {
         vfmap_sysfs::prepare(
             &scanned,
@@ -369,6 +371,12 @@ async fn start(
     let (store, loaded) =
         blocking(move || Store::open_with_metrics(&path, &locations, store_metrics)).await?;
 
+    let card_hooks = Arc::new(crate::hooks::CardHooks::new(
+        &profiles_for_hooks,
+        &tables,
+        config.sysfs_root.clone(),
+        metrics.clone(),
+    ));
     let resyncs = Resyncs::default();
     let adapters = Adapters {
         // Each VM's backend is chosen per VM; both adapters share the operation timeout.
@@ -383,7 +391,11 @@ async fn start(
             )),
         }),
         channel: Arc::new(AgentChannel::new(resyncs.clone(), metrics.clone())),
-        host: Arc::new(SysfsHost { sysfs, settle }),
+        host: Arc::new(SysfsHost {
+            sysfs,
+            settle,
+            hooks: card_hooks,
+        }),
         agent_deadline: Duration::from_millis(config.agent_timeout_ms),
     };
     let engine = Arc::new(Engine::with_metrics(tables, store, loaded, adapters, metrics).await?);

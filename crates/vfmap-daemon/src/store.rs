@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use vfmap_core::protocol::GuestPath;
+use vfmap_core::quarantine::Quarantine;
 use vfmap_core::{
     AssignState, Assignment, Bdf, Change, DriverName, FunctionName, GlobalIndex, HoldState,
     KubeletHold, LocalIndex, PodContainer, VmName, VmSpec,
@@ -92,6 +93,8 @@ pub struct Loaded {
     pub assignments: Vec<(Assignment, Detail)>,
     /// The kubelet's holds.
     pub kubelet: Vec<KubeletHold>,
+    /// Quarantined VFs.
+    pub quarantine: Vec<Quarantine>,
     /// Recent failures, oldest first.
     pub failures: Vec<Failure>,
 }
@@ -269,14 +272,41 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
         failures.reverse();
     }
     let kubelet = load_kubelet(&tx)?;
+    let quarantine = load_quarantine(&tx)?;
     tx.commit()?;
     Ok(Loaded {
         indexes: known,
         vms,
         assignments,
         kubelet,
+        quarantine,
         failures,
     })
+}
+
+/// The quarantined VFs.
+fn load_quarantine(conn: &Connection) -> Result<Vec<Quarantine>, StoreError> {
+    let mut all = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT global_index, location, reason, since FROM quarantine ORDER BY global_index",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let gi: i64 = r.get(0)?;
+        let bad = |what: String| bad_row("quarantine", format!("VF {gi}: {what}"));
+        all.push(Quarantine {
+            global_index: u32::try_from(gi)
+                .map(GlobalIndex::new)
+                .map_err(|_| bad("index".into()))?,
+            location: r
+                .get::<_, String>(1)?
+                .parse()
+                .map_err(|e| bad(format!("{e}")))?,
+            reason: r.get(2)?,
+            since: r.get::<_, i64>(3)?.max(0) as u64,
+        });
+    }
+    Ok(all)
 }
 
 /// The kubelet's holds (`consumer = 'kubelet'` rows).
@@ -512,6 +542,26 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         Mutation::Pool(Change::KubeletFree { global_index }) => {
             let n = run(
                 "DELETE FROM assignments WHERE global_index = ?1 AND consumer = 'kubelet'",
+                params![global_index.get()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
+        Mutation::Pool(Change::Quarantine(q)) => {
+            run(
+                "INSERT INTO quarantine (global_index, location, reason, since) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    q.global_index.get(),
+                    q.location.to_string(),
+                    q.reason,
+                    i64::try_from(q.since).unwrap_or(i64::MAX)
+                ],
+            )?;
+        }
+        Mutation::Pool(Change::ClearQuarantine { global_index }) => {
+            let n = run(
+                "DELETE FROM quarantine WHERE global_index = ?1",
                 params![global_index.get()],
             )?;
             if n != 1 {

@@ -116,44 +116,8 @@ const TICK: Duration = Duration::from_millis(20);
 /// The most symbolic links followed while checking a hook's path (as the kernel's limit).
 const MAX_LINKS: usize = 40;
 
-/// The phases a hook runs at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HookPhase {
-    /// After the VFs are created, before they are offered.
-    BringUp,
-    /// Make a VF carry a function.
-    Program,
-    /// Wipe a VF between tenants.
-    Scrub,
-    /// Print the functions of a PF's VFs.
-    Discover,
-}
-
-impl HookPhase {
-    /// Every phase, in the order of a VF's life.
-    pub const ALL: [HookPhase; 4] = [
-        HookPhase::BringUp,
-        HookPhase::Program,
-        HookPhase::Scrub,
-        HookPhase::Discover,
-    ];
-
-    /// The phase's name, as given to the hook: `bring_up`, `program`, `scrub` or `discover`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HookPhase::BringUp => "bring_up",
-            HookPhase::Program => "program",
-            HookPhase::Scrub => "scrub",
-            HookPhase::Discover => "discover",
-        }
-    }
-}
-
-impl fmt::Display for HookPhase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The phases a hook runs at (the profile's names for them).
+pub use vfmap_core::profile::HookPhase;
 
 /// One run of a hook: what to run and what it is told.
 #[derive(Debug, Clone)]

@@ -86,6 +86,11 @@ enum Command {
         /// Only this VM.
         vm: Option<vfmap_core::VmName>,
     },
+    /// List or clear VFs quarantined after a failed scrub (daemon; docs/hooks.md).
+    Quarantine {
+        #[command(subcommand)]
+        command: Option<remote::QuarantineCommand>,
+    },
     /// Generate shell completions or man pages from this definition (for packaging).
     #[command(hide = true, subcommand)]
     Generate(generate::Generate),
@@ -226,6 +231,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { vm } => {
             remote::run(&remote(cli.socket)?, remote::Call::Status(vm), cli.json)
         }
+        Command::Quarantine { command } => remote::run(
+            &remote(cli.socket)?,
+            remote::Call::Quarantine(command.unwrap_or(remote::QuarantineCommand::List)),
+            cli.json,
+        ),
         Command::Inventory { host, state_db } => inventory(&host, state_db.as_deref(), cli.json),
         Command::Doctor(args) => doctor::run(&args, cli.socket.as_deref(), cli.json),
         Command::Prepare {

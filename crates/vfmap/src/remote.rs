@@ -19,6 +19,22 @@ use vfmap_core::{Bdf, FunctionName, LocalIndex, SlotId, VmName};
 use crate::client::{ClientError, call};
 use crate::{Failure, exit, print_json, print_text};
 
+/// `vfmap quarantine ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum QuarantineCommand {
+    /// List the VFs whose scrub failed after a release, with why (the default).
+    List,
+    /// Return a quarantined VF to the pool: it is reset and scrubbed again first, and stays
+    /// quarantined if that fails.
+    Clear {
+        /// The VF's global index (`vfmap quarantine list` shows it).
+        global_index: vfmap_core::GlobalIndex,
+        /// Skip the scrub: return it as it is.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 /// `vfmap vm ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
@@ -115,6 +131,8 @@ pub enum Call {
     },
     /// `GET /v1/vms[/{vm}]`
     Status(Option<VmName>),
+    /// `GET /v1/quarantine`, `POST /v1/quarantine/{global_index}/clear`
+    Quarantine(QuarantineCommand),
 }
 
 /// A request body, serialised.
@@ -188,6 +206,17 @@ fn request(call_spec: &Call) -> Result<(Method, String, Option<Vec<u8>>), Failur
             Method::DELETE,
             format!("/v1/vms/{vm}/devices/{local_index}"),
             None,
+        ),
+        Call::Quarantine(QuarantineCommand::List) => {
+            (Method::GET, "/v1/quarantine".to_owned(), None)
+        }
+        Call::Quarantine(QuarantineCommand::Clear {
+            global_index,
+            force,
+        }) => (
+            Method::POST,
+            format!("/v1/quarantine/{global_index}/clear"),
+            body(&vfmap_api::ClearQuarantine { force: *force })?,
         ),
     })
 }
@@ -423,6 +452,38 @@ fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
                 })
                 .collect();
             table(&["NAME", "SLOTS", "VFS", "BACKEND"], rows)
+        }
+        Call::Quarantine(QuarantineCommand::List) => {
+            let list: vfmap_api::QuarantineList = answer(value)?;
+            if list.vfs.is_empty() {
+                return Ok("no VF is quarantined\n".into());
+            }
+            let rows = list
+                .vfs
+                .iter()
+                .map(|q| {
+                    vec![
+                        q.global_index.to_string(),
+                        q.location.to_string(),
+                        or_dash(q.function.as_ref()),
+                        q.reason.clone(),
+                    ]
+                })
+                .collect();
+            table(&["INDEX", "VF", "FUNCTION", "WHY"], rows)
+        }
+        Call::Quarantine(QuarantineCommand::Clear { .. }) => {
+            let cleared: vfmap_api::Cleared = answer(value)?;
+            format!(
+                "VF {} ({}) is back in the pool{}\n",
+                cleared.global_index,
+                cleared.location,
+                if cleared.scrubbed {
+                    " after a clean scrub"
+                } else {
+                    " (not scrubbed: --force)"
+                }
+            )
         }
         Call::Attach(a) => {
             let attached: Attached = answer(value)?;

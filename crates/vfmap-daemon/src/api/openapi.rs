@@ -16,8 +16,9 @@ use vfmap_api::ErrorBody;
 
 // The handlers, for `paths(...)` (utoipa finds each one's declaration beside it).
 use super::{
-    __path_add_vm, __path_attach, __path_detach, __path_get_vm, __path_health, __path_inventory,
-    __path_list_vms, __path_metrics, __path_openapi_document, __path_remove_vm,
+    __path_add_vm, __path_attach, __path_clear_quarantine, __path_detach, __path_get_vm,
+    __path_health, __path_inventory, __path_list_quarantine, __path_list_vms, __path_metrics,
+    __path_openapi_document, __path_remove_vm,
 };
 
 /// What the document says before its paths.
@@ -71,6 +72,8 @@ here fails it.";
         remove_vm,
         attach,
         detach,
+        list_quarantine,
+        clear_quarantine,
         openapi_document,
         metrics,
     ),

@@ -283,7 +283,7 @@ impl Engine {
             ));
             return failure;
         }
-        self.reset(a.location).await;
+        let scrubbed = self.scrub(a.global_index, a.location).await;
         let record = Failure {
             vm: vm.name.to_string(),
             local_index: a.local_index,
@@ -294,15 +294,17 @@ impl Engine {
         };
         let freed = self
             .commit(|s| {
-                Ok(vec![
-                    Mutation::Pool(s.pool.plan_free(a.global_index)?),
-                    Mutation::Failure(record),
-                ])
+                let mut end = super::release::end_release(&s.pool, a.global_index, &scrubbed)?;
+                end.push(Mutation::Failure(record));
+                Ok(end)
             })
             .await;
         match freed {
-            Ok(_) => {
+            Ok(_) if scrubbed.is_ok() => {
                 info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "rolled back; VF free")
+            }
+            Ok(_) => {
+                warn!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "rolled back; VF quarantined")
             }
             Err(e) => failure.cleanup = Some(format!("then freeing the VF failed: {}", chain(&e))),
         }

@@ -76,7 +76,7 @@ impl Engine {
                         owner: h.owner.clone(),
                         allocated_at_ms: h.allocated_at_ms,
                     },
-                    HolderRef::Kubelet(_) => VfHolder::Unusable,
+                    HolderRef::Kubelet(_) | HolderRef::Quarantined(_) => VfHolder::Unusable,
                 };
                 Some(FunctionVf {
                     global_index: vf.global_index,
@@ -234,10 +234,13 @@ impl Engine {
             }
             Some(HoldState::Releasing) => {}
         }
-        self.reset_and_rebind(gi, location).await;
-        self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_kubelet_free(gi)?)]))
+        let scrubbed = self.scrub_and_rebind(gi, location).await;
+        self.commit(|s| super::release::end_release(&s.pool, gi, &scrubbed))
             .await?;
-        info!(vf = %location, "released by the kubelet; VF free");
+        match scrubbed {
+            Ok(()) => info!(vf = %location, "released by the kubelet; VF free"),
+            Err(_) => warn!(vf = %location, "released by the kubelet; VF quarantined"),
+        }
         Ok(())
     }
 

@@ -128,21 +128,58 @@ impl Engine {
             return Err(ReleaseError::Unplug(e));
         }
         failpoint("unplugged");
-        self.reset_and_rebind(a.global_index, a.location).await;
-        self.commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_free(a.global_index)?)]))
+        let scrubbed = self.scrub_and_rebind(a.global_index, a.location).await;
+        self.commit(|s| end_release(&s.pool, a.global_index, &scrubbed))
             .await
             .map_err(|e| ReleaseError::Free(Box::new(e)))?;
-        info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "released; VF free");
+        match scrubbed {
+            Ok(()) => {
+                info!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "released; VF free")
+            }
+            Err(_) => {
+                warn!(vm = %vm.name, local_index = %a.local_index, vf = %a.location, "released; VF quarantined")
+            }
+        }
         Ok(())
     }
 
-    /// Resets a released VF and binds its host driver again (each logged when it fails): what
-    /// every release does between its holder letting go and the VF going back to the pool.
-    pub(super) async fn reset_and_rebind(&self, global_index: GlobalIndex, location: Bdf) {
-        self.reset(location).await;
+    /// [`Engine::scrub`], then binds the VF's host driver again (logged when it fails): what
+    /// every release does between its holder letting go and the VF leaving its holder.
+    pub(super) async fn scrub_and_rebind(
+        &self,
+        global_index: GlobalIndex,
+        location: Bdf,
+    ) -> Result<(), String> {
+        let scrubbed = self.scrub(global_index, location).await;
         if let Err(e) = self.bind_host_driver(global_index, location).await {
             warn!(vf = %location, error = %chain(&e), "rebinding the host driver after release failed");
         }
+        scrubbed
+    }
+
+    /// Resets a VF a holder let go of, then checks it is clean: its config space back in the
+    /// reset state and its card's own wipe (`scrub` hook) done. `Err` (logged) says why not:
+    /// the VF must go to quarantine ([`end_release`]), not back to the pool.
+    pub(super) async fn scrub(
+        &self,
+        global_index: GlobalIndex,
+        location: Bdf,
+    ) -> Result<(), String> {
+        self.reset(location).await;
+        let function = self
+            .lock()
+            .pool
+            .vf(global_index)
+            .and_then(|v| v.function.clone());
+        let host = self.adapters.host.clone();
+        let scrubbed = tokio::task::spawn_blocking(move || host.scrub(location, function.as_ref()))
+            .await
+            .unwrap_or(Err(ScrubError::Stopped { vf: location }));
+        scrubbed.map_err(|e| {
+            let reason = chain(&e);
+            warn!(vf = %location, reason = %reason, "the scrub failed; the VF goes to quarantine");
+            reason
+        })
     }
 
     /// Binds the VF's host driver (vfio-pci, normally) unless it already is; a VF whose
@@ -165,4 +202,21 @@ impl Engine {
             .await
             .unwrap_or(Err(HostError::Stopped { vf: location }))
     }
+}
+
+/// The changes that end a VF's hold after its scrub: freed, or, when the scrub failed,
+/// quarantined in the same commit (never free in between).
+pub(super) fn end_release(
+    pool: &Pool,
+    global_index: GlobalIndex,
+    scrubbed: &Result<(), String>,
+) -> Result<Vec<Mutation>, PoolError> {
+    let changes = match scrubbed {
+        Ok(()) if pool.kubelet_hold(global_index).is_some() => {
+            vec![pool.plan_kubelet_free(global_index)?]
+        }
+        Ok(()) => vec![pool.plan_free(global_index)?],
+        Err(reason) => pool.plan_free_into_quarantine(global_index, reason, crate::store::now())?,
+    };
+    Ok(changes.into_iter().map(Mutation::Pool).collect())
 }

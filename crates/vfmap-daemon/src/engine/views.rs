@@ -183,6 +183,10 @@ impl Engine {
                 }
                 continue;
             }
+            if state.pool.quarantine_of(vf.global_index).is_some() {
+                c.quarantined += 1;
+                continue;
+            }
             match state.pool.assignment(vf.global_index) {
                 None => c.free += 1,
                 Some(a) if a.state != AssignState::Releasing => c.assigned += 1,

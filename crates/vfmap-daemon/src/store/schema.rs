@@ -34,6 +34,13 @@ CREATE TABLE IF NOT EXISTS assignments (
     UNIQUE (vm, local_index),
     CHECK ((consumer = 'vm') = (vm IS NOT NULL AND local_index IS NOT NULL))
 );
+-- VFs out of the pool after a failed scrub, until an operator clears them. Schema version 3.
+CREATE TABLE IF NOT EXISTS quarantine (
+    global_index INTEGER PRIMARY KEY REFERENCES vfs(global_index),
+    location     TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    since        INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS failures (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     vm           TEXT NOT NULL,
@@ -69,8 +76,10 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 /// - 1: VM specs carry a typed backend, `{"name", "backend": {"qmp": {"qmp_socket",
 ///   "agent_socket"}} | {"libvirt": {…}}, "slots", "numa_node"}`;
 /// - 2: `assignments` also holds the kubelet's VFs: a `consumer` column (`vm` | `kubelet`),
-///   `vm` and `local_index` only for VMs, `owner` and `allocated_at` for the kubelet.
-pub const SCHEMA_VERSION: i64 = 2;
+///   `vm` and `local_index` only for VMs, `owner` and `allocated_at` for the kubelet;
+/// - 3: a `quarantine` table (VFs whose scrub failed). An older daemon must not open it: it
+///   would hand those VFs out.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a database written by an older daemon up to [`SCHEMA_VERSION`], in one transaction;
 /// refuses one written by a newer daemon (it would misread it).
