@@ -119,6 +119,8 @@ pub enum HolderRef<'a> {
     Kubelet(&'a KubeletHold),
     /// Nobody, but it is out of the pool until an operator clears it.
     Quarantined(&'a crate::quarantine::Quarantine),
+    /// Nobody, but its card is re-programming it.
+    Programming(&'a crate::program::Programming),
 }
 
 impl Pool {
@@ -140,6 +142,8 @@ impl Pool {
             HolderRef::Kubelet(h)
         } else if let Some(q) = self.quarantine.get(&index) {
             HolderRef::Quarantined(q)
+        } else if let Some(p) = self.programming.get(&index) {
+            HolderRef::Programming(p)
         } else {
             HolderRef::Free
         }
@@ -202,6 +206,12 @@ impl Pool {
                     return Err(PoolError::Taken {
                         vf: vf.location,
                         by: "quarantine (see `vfmap quarantine list`)".into(),
+                    });
+                }
+                HolderRef::Programming(p) => {
+                    return Err(PoolError::Taken {
+                        vf: vf.location,
+                        by: format!("a re-programming into {}", p.to),
                     });
                 }
             }

@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod plan;
 pub mod pool;
 pub mod profile;
+pub mod program;
 pub mod protocol;
 pub mod quarantine;
 pub mod tables;

@@ -427,6 +427,9 @@ pub enum PoolError {
     /// The VF is not quarantined.
     #[error("VF {0} is not quarantined")]
     NotQuarantined(GlobalIndex),
+    /// No re-programming of the VF is in progress.
+    #[error("VF {0} is not being re-programmed")]
+    NotProgramming(GlobalIndex),
 }
 
 /// A validated change, to persist and then apply.
@@ -483,12 +486,28 @@ pub enum Change {
         /// The VF.
         global_index: GlobalIndex,
     },
+    /// A free VF's re-programming starts: it is out of the pool until it ends.
+    ProgramStart(crate::program::Programming),
+    /// The re-programming succeeded: the VF carries the new function, with its drivers.
+    Programmed {
+        /// The VF.
+        global_index: GlobalIndex,
+        /// Its function now.
+        function: FunctionName,
+        /// The function's drivers.
+        drivers: crate::program::Drivers,
+    },
+    /// The re-programming failed (with a quarantine of the VF in the same commit).
+    ProgramAbandoned {
+        /// The VF.
+        global_index: GlobalIndex,
+    },
 }
 
 /// VMs, VFs and assignments.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pool {
-    vfs: BTreeMap<GlobalIndex, PoolVf>,
+    pub(crate) vfs: BTreeMap<GlobalIndex, PoolVf>,
     vms: BTreeMap<VmName, VmSpec>,
     assignments: BTreeMap<GlobalIndex, Assignment>,
     by_slot: BTreeMap<(VmName, LocalIndex), GlobalIndex>,
@@ -496,6 +515,8 @@ pub struct Pool {
     pub(crate) kubelet: BTreeMap<GlobalIndex, crate::kubelet::KubeletHold>,
     /// VFs out of the pool after a failed scrub (`crate::quarantine`); held by nobody.
     pub(crate) quarantine: BTreeMap<GlobalIndex, crate::quarantine::Quarantine>,
+    /// VFs being re-programmed (`crate::program`); held by nobody else.
+    pub(crate) programming: BTreeMap<GlobalIndex, crate::program::Programming>,
 }
 
 impl Pool {
@@ -569,6 +590,7 @@ impl Pool {
             && !self.assignments.contains_key(&vf.global_index)
             && !self.kubelet.contains_key(&vf.global_index)
             && !self.quarantine.contains_key(&vf.global_index)
+            && !self.programming.contains_key(&vf.global_index)
     }
 
     /// Validates a VM registration.
@@ -873,6 +895,9 @@ impl Pool {
             | Change::KubeletReleasing { .. }
             | Change::KubeletFree { .. } => self.apply_kubelet(change),
             Change::Quarantine(_) | Change::ClearQuarantine { .. } => self.apply_quarantine(change),
+            Change::ProgramStart(_)
+            | Change::Programmed { .. }
+            | Change::ProgramAbandoned { .. } => self.apply_program(change),
         }
     }
 
@@ -955,7 +980,8 @@ impl Pool {
             return Err("the slot index disagrees with the assignments".into());
         }
         self.check_kubelet_invariants()?;
-        self.check_quarantine_invariants()
+        self.check_quarantine_invariants()?;
+        self.check_program_invariants()
     }
 }
 

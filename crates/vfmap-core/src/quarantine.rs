@@ -60,7 +60,7 @@ impl Pool {
                     to: "quarantined",
                 });
             }
-            HolderRef::Free | HolderRef::Quarantined(_) => {
+            HolderRef::Free | HolderRef::Quarantined(_) | HolderRef::Programming(_) => {
                 return Err(PoolError::NotAssigned(index));
             }
         };
@@ -136,7 +136,10 @@ impl Pool {
                     q.global_index
                 ));
             }
-            if self.assignment(*gi).is_some() || self.kubelet.contains_key(gi) {
+            if self.assignment(*gi).is_some()
+                || self.kubelet.contains_key(gi)
+                || self.programming.contains_key(gi)
+            {
                 return Err(format!("VF {gi} is quarantined and held"));
             }
             if self.vf(*gi).is_none_or(|v| v.location != q.location) {
@@ -148,7 +151,7 @@ impl Pool {
 }
 
 /// `reason` cut at [`MAX_REASON`] bytes on a character boundary.
-fn cut(reason: &str) -> String {
+pub(crate) fn cut(reason: &str) -> String {
     let mut end = reason.len().min(MAX_REASON);
     while !reason.is_char_boundary(end) {
         end -= 1;
