@@ -299,6 +299,28 @@ pub struct Cleared {
     pub scrubbed: bool,
 }
 
+/// `POST /v1/vfs/{global_index}/program`: the function a free VF is to carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramRequest {
+    /// The function; the VF's card's profile must allow it (`programmable_to`).
+    pub function: FunctionName,
+}
+
+/// The answer to a re-programming: the VF carries the new function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Programmed {
+    /// The VF.
+    pub global_index: GlobalIndex,
+    /// Its location.
+    pub location: Bdf,
+    /// The function it carried.
+    pub from: FunctionName,
+    /// The function it carries now.
+    pub to: FunctionName,
+}
+
 /// A VM: its registration, its correspondence table and its recent failures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -593,6 +615,10 @@ error_codes! {
     Conflict = "conflict", 409;
     /// No quarantined VF has that global index.
     NotQuarantined = "not_quarantined", 404;
+    /// The VF's card's profile does not let its function become the one asked for.
+    NotProgrammable = "not_programmable", 409;
+    /// The card's `program` hook failed; the VF is quarantined.
+    ProgramFailed = "program_failed", 502;
     /// The quarantined VF's scrub failed again; it stays quarantined (`force` clears it
     /// anyway).
     StillDirty = "still_dirty", 409;

@@ -4,9 +4,12 @@
 //! Input is the bytes of sysfs `config`: 64 when read unprivileged, 256 (or 4096 with the
 //! extended space) as root. Only the type 0 (endpoint) header is understood. What is checked:
 //!
-//! - the Command register (0x04): I/O Space, Memory Space and Bus Master off. A VF's I/O and
-//!   Memory Space bits are read-only zero (the PF's SR-IOV control enables its BARs); Bus Master
-//!   on means the VF can still DMA;
+//! - the Command register (0x04): Bus Master off (on, the VF can still DMA). I/O and Memory
+//!   Space decoding are not checked: they are the host's own state, not a tenant's leftover —
+//!   the kernel restores the state it saved around a reset, and vfio-pci restores the one it
+//!   saved when it enabled the device (memory decoding on). A hardware VF reads them as zero
+//!   anyway; QEMU's emulated VFs do not (measured in the nested scenario: command 0x0002 after
+//!   a release);
 //! - the six BARs (0x10..=0x24), type bits masked, a 64-bit BAR read with its upper half: no
 //!   address left (a VF's BARs read as zero: its PF's VF BARs place it);
 //! - the capability list (when the Status register says there is one): MSI and MSI-X not
@@ -38,9 +41,7 @@ const MAX_CAPABILITIES: usize = (0x100 - HEADER_LEN) / 4;
 const CAP_MSI: u8 = 0x05;
 const CAP_MSIX: u8 = 0x11;
 
-/// Command register bits.
-const CMD_IO: u16 = 1 << 0;
-const CMD_MEMORY: u16 = 1 << 1;
+/// Command register: Bus Master Enable.
 const CMD_BUS_MASTER: u16 = 1 << 2;
 
 /// One way a config space is not in its reset state, or cannot be checked.
@@ -63,18 +64,6 @@ pub enum ResetProblem {
     /// Bus Master is on: the VF can still write to memory.
     #[error("bus master is still enabled (command register {command:#06x})")]
     BusMaster {
-        /// The Command register.
-        command: u16,
-    },
-    /// Memory Space decoding is on (read-only zero on a VF).
-    #[error("memory space decoding is still enabled (command register {command:#06x})")]
-    MemorySpace {
-        /// The Command register.
-        command: u16,
-    },
-    /// I/O Space decoding is on (read-only zero on a VF).
-    #[error("I/O space decoding is still enabled (command register {command:#06x})")]
-    IoSpace {
         /// The Command register.
         command: u16,
     },
@@ -146,14 +135,8 @@ pub fn check_reset_state(config: &[u8]) -> Result<(), Vec<ResetProblem>> {
     }
     let mut problems = Vec::new();
     let command = word(config, COMMAND);
-    for (bit, problem) in [
-        (CMD_IO, ResetProblem::IoSpace { command }),
-        (CMD_MEMORY, ResetProblem::MemorySpace { command }),
-        (CMD_BUS_MASTER, ResetProblem::BusMaster { command }),
-    ] {
-        if command & bit != 0 {
-            problems.push(problem);
-        }
+    if command & CMD_BUS_MASTER != 0 {
+        problems.push(ResetProblem::BusMaster { command });
     }
     check_bars(config, &mut problems);
     if word(config, STATUS) & STATUS_CAP_LIST != 0 {
@@ -330,24 +313,19 @@ mod tests {
     }
 
     #[test]
-    fn each_command_bit_is_reported() {
+    fn bus_master_is_reported_and_decoding_is_not() {
         let mut c = clean_vf();
         c[COMMAND] = 0x06;
         let found = problems(&c);
+        assert_eq!(found, vec![ResetProblem::BusMaster { command: 6 }]);
         assert_eq!(
-            found,
-            vec![
-                ResetProblem::MemorySpace { command: 6 },
-                ResetProblem::BusMaster { command: 6 },
-            ]
-        );
-        assert_eq!(
-            found[1].to_string(),
+            found[0].to_string(),
             "bus master is still enabled (command register 0x0006)"
         );
-        c[COMMAND] = 0x01;
-        assert_eq!(problems(&c), vec![ResetProblem::IoSpace { command: 1 }]);
-        // Other bits (SERR#, parity, INTx disable) are not the reset check's business.
+        // Decoding (the host's own state, restored around the reset) and the other bits
+        // (SERR#, parity, INTx disable) are not the reset check's business.
+        c[COMMAND] = 0x03;
+        assert_eq!(check_reset_state(&c), Ok(()));
         c[COMMAND] = 0x40;
         c[COMMAND + 1] = 0x05;
         assert_eq!(check_reset_state(&c), Ok(()));

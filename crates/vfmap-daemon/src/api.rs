@@ -26,7 +26,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use vfmap_api::{
     AttachRequest, Attached, ClearQuarantine, Cleared, Detached, ErrorBody, ErrorCode, Health,
-    HealthStatus, Inventory, NewVm, QuarantineList, Removed, Vm, VmList,
+    HealthStatus, Inventory, NewVm, ProgramRequest, Programmed, QuarantineList, Removed, Vm,
+    VmList,
 };
 use vfmap_core::{FunctionName, GlobalIndex, LocalIndex, PoolError, Request, VmName};
 
@@ -94,8 +95,11 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             | PoolError::NotAssigned(_)
             | PoolError::Taken { .. } => ErrorCode::Conflict,
             PoolError::NotQuarantined(_) => ErrorCode::NotQuarantined,
+            PoolError::NotProgramming(_) => ErrorCode::Conflict,
         },
         EngineError::StillDirty { .. } => ErrorCode::StillDirty,
+        EngineError::NotProgrammable { .. } => ErrorCode::NotProgrammable,
+        EngineError::ProgramFailed { .. } => ErrorCode::ProgramFailed,
         // The step that failed first decides; the message lists every VF.
         EngineError::AttachFailed { failures, .. } => failures
             .first()
@@ -581,6 +585,42 @@ async fn clear_quarantine(
     ))
 }
 
+/// Re-program a free VF into another function
+///
+/// Runs the VF's card's `program` hook (docs/hooks.md); the profile must allow the VF's
+/// function to become this one (`programmable_to`). The VF is out of the pool while the hook
+/// runs; when the hook fails, it is quarantined. A VF held by a VM, the kubelet or quarantine
+/// is refused (`conflict`).
+#[utoipa::path(
+    post,
+    path = "/v1/vfs/{global_index}/program",
+    params(
+        ("global_index" = GlobalIndex, Path, description = "The VF's global index, decimal digits", example = 3),
+    ),
+    request_body = ProgramRequest,
+    responses(
+        (status = 200, description = "The VF carries the new function", body = Programmed),
+        (status = 400, response = BadRequest),
+        (status = 404, description = "`unknown_function`", body = ErrorBody),
+        (status = 405, response = MethodNotAllowed),
+        (status = 409, description = "`not_programmable`: the profile does not allow it; `conflict`: the VF is held", body = ErrorBody),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 500, response = StateError),
+        (status = 502, description = "`program_failed`: the card's hook failed; the VF is quarantined", body = ErrorBody),
+        (status = 503, response = Unavailable),
+    )
+)]
+async fn program_vf(
+    Ready(engine): Ready,
+    ApiPath(index): ApiPath<String>,
+    body: Result<Json<ProgramRequest>, JsonRejection>,
+) -> Result<Json<Programmed>, ApiError> {
+    let global_index = parse_global_index(&index)?;
+    let Json(body) = body?;
+    Ok(Json(engine.program(global_index, &body.function).await?))
+}
+
 /// A global index in a path: decimal digits only.
 fn parse_global_index(text: &str) -> Result<GlobalIndex, ApiError> {
     match text.parse::<u32>() {
@@ -686,6 +726,7 @@ pub fn router_with(readiness: Readiness) -> Router {
             "/v1/quarantine/{global_index}/clear",
             post(clear_quarantine),
         )
+        .route("/v1/vfs/{global_index}/program", post(program_vf))
         .route("/v1/openapi.json", get(openapi_document))
         .route("/metrics", get(metrics))
         // After the routes: it applies to the routes registered before it.

@@ -234,6 +234,26 @@ pub enum HostError {
     },
 }
 
+/// Why a VF's re-programming failed: it goes to quarantine.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    /// Its card names no `program` hook for the function.
+    #[error("its card names no `program` hook for {to}")]
+    NoHook {
+        /// The function asked for.
+        to: FunctionName,
+    },
+    /// The hook failed.
+    #[error(transparent)]
+    Hook(#[from] vfmap_sysfs::hooks::HookError),
+    /// The blocking task running the hook stopped.
+    #[error("the re-programming of {vf} stopped unexpectedly")]
+    Stopped {
+        /// The VF.
+        vf: Bdf,
+    },
+}
+
 /// Why a released VF is not clean: it goes to quarantine instead of back to the pool.
 #[derive(Debug, thiserror::Error)]
 pub enum ScrubError {
@@ -272,6 +292,20 @@ pub trait HostVfs: Send + Sync {
     /// model no device are clean.
     fn scrub(&self, _vf: Bdf, _function: Option<&FunctionName>) -> Result<(), ScrubError> {
         Ok(())
+    }
+    /// Whether the VF's card lets a VF carrying `from` be re-programmed into `to` (the
+    /// profile's `programmable_to`). Doubles that model no card allow nothing.
+    fn may_program(&self, _vf: Bdf, _from: &FunctionName, _to: &FunctionName) -> bool {
+        false
+    }
+    /// Runs the VF's card's `program` hook to make it carry `to`.
+    fn program(
+        &self,
+        _vf: Bdf,
+        _from: &FunctionName,
+        to: &FunctionName,
+    ) -> Result<(), ProgramError> {
+        Err(ProgramError::NoHook { to: to.clone() })
     }
 }
 
@@ -359,6 +393,21 @@ impl HostVfs for SysfsHost {
         self.hooks
             .run_for_vf(HookPhase::Scrub, vf, function, None)?;
         Ok(())
+    }
+
+    fn may_program(&self, vf: Bdf, from: &FunctionName, to: &FunctionName) -> bool {
+        self.hooks.may_program(vf, from, to)
+    }
+
+    fn program(&self, vf: Bdf, from: &FunctionName, to: &FunctionName) -> Result<(), ProgramError> {
+        if self
+            .hooks
+            .run_for_vf(HookPhase::Program, vf, Some(to), Some(from))?
+        {
+            Ok(())
+        } else {
+            Err(ProgramError::NoHook { to: to.clone() })
+        }
     }
 }
 

@@ -29,7 +29,8 @@ use vfmap_core::{
 };
 
 use crate::effects::{
-    ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, ScrubError, chain,
+    ChannelError, GuestChannel, HostError, HostVfs, Hypervisor, HypervisorError, ProgramError,
+    ScrubError, chain,
 };
 use crate::metrics::{Metrics, Outcome, Recovered, VfCounts};
 use cleanup::Cleanup;
@@ -38,6 +39,7 @@ pub use kubelet::{FunctionVf, VfHolder};
 mod attach;
 mod cleanup;
 mod kubelet;
+mod program;
 mod quarantine;
 mod recovery;
 mod release;
@@ -53,6 +55,26 @@ pub enum EngineError {
     /// The state database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The profile does not let this VF's function become the one asked for.
+    #[error(
+        "VF {vf} carries {from}, and its card's profile does not let it be re-programmed into {to} (see `programmable_to` in docs/hooks.md)"
+    )]
+    NotProgrammable {
+        /// The VF.
+        vf: Bdf,
+        /// Its function.
+        from: String,
+        /// The function asked for.
+        to: String,
+    },
+    /// The card's `program` hook failed: the VF is quarantined.
+    #[error("re-programming VF {vf} failed, it is quarantined: {reason}")]
+    ProgramFailed {
+        /// The VF.
+        vf: Bdf,
+        /// Why.
+        reason: String,
+    },
     /// A quarantined VF's scrub failed again: it stays quarantined.
     #[error(
         "VF {vf} is still not clean, it stays quarantined: {reason} (`force` clears it anyway)"
@@ -333,6 +355,31 @@ impl Engine {
             })
         });
         let mut pool = Pool::new(vfs);
+        // Functions changed at run time, before the holders (whose functions they are).
+        let functions = &tables.functions;
+        let stored: Vec<_> = loaded
+            .functions
+            .into_iter()
+            .filter_map(|(gi, location, function)| {
+                let summary = functions.iter().find(|f| f.name == function);
+                let here = pool.vf(gi).is_some_and(|v| v.location == location);
+                match summary {
+                    Some(f) if here => Some((
+                        gi,
+                        function,
+                        vfmap_core::program::Drivers {
+                            host: f.host_driver.clone(),
+                            guest: f.guest_driver.clone(),
+                        },
+                    )),
+                    _ => {
+                        warn!(vf = %location, function = %function, "ignoring a stored re-programmed function (the VF or the function is gone); the profile's applies");
+                        None
+                    }
+                }
+            })
+            .collect();
+        pool.restore_functions(stored);
         let (assignments, details): (Vec<_>, Vec<_>) = loaded.assignments.into_iter().unzip();
         let detail_map = assignments
             .iter()
@@ -342,6 +389,7 @@ impl Engine {
         let rejected = pool.restore(loaded.vms, assignments);
         let rejected_holds = pool.restore_kubelet(loaded.kubelet);
         let rejected_quarantines = pool.restore_quarantine(loaded.quarantine);
+        let rejected_programming = pool.restore_programming(loaded.programming);
         for backend in adapters.hypervisor.backends() {
             metrics.add_backend(backend);
         }
@@ -380,6 +428,15 @@ impl Engine {
                 .store
                 .write(vec![Mutation::Pool(Change::KubeletFree {
                     global_index: h.global_index,
+                })])
+                .await?;
+        }
+        for (p, why) in rejected_programming {
+            warn!(vf = %p.location, why = %why, "dropping a stored re-programming");
+            engine
+                .store
+                .write(vec![Mutation::Pool(Change::ProgramAbandoned {
+                    global_index: p.global_index,
                 })])
                 .await?;
         }

@@ -87,6 +87,13 @@ impl CardHooks {
         all
     }
 
+    /// Whether VF `vf`'s card lets a VF carrying `from` become `to` (`programmable_to`).
+    pub fn may_program(&self, vf: Bdf, from: &FunctionName, to: &FunctionName) -> bool {
+        self.vfs
+            .get(&vf)
+            .is_some_and(|p| self.cards[p.card].may_program(from.as_str(), to.as_str()))
+    }
+
     /// Runs `phase`'s hook for VF `vf` (`function`: what it carries, or for `program` what it
     /// becomes; `from`: for `program`, what it carried). `Ok(false)` when its card gives no
     /// such hook.

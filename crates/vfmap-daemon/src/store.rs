@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
+use vfmap_core::program::Programming;
 use vfmap_core::protocol::GuestPath;
 use vfmap_core::quarantine::Quarantine;
 use vfmap_core::{
@@ -95,6 +96,10 @@ pub struct Loaded {
     pub kubelet: Vec<KubeletHold>,
     /// Quarantined VFs.
     pub quarantine: Vec<Quarantine>,
+    /// VFs re-programmed at run time, with the function they carry now.
+    pub functions: Vec<(GlobalIndex, Bdf, FunctionName)>,
+    /// Re-programmings a crash interrupted.
+    pub programming: Vec<Programming>,
     /// Recent failures, oldest first.
     pub failures: Vec<Failure>,
 }
@@ -273,6 +278,7 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
     }
     let kubelet = load_kubelet(&tx)?;
     let quarantine = load_quarantine(&tx)?;
+    let (functions, programming) = load_functions(&tx)?;
     tx.commit()?;
     Ok(Loaded {
         indexes: known,
@@ -280,8 +286,55 @@ fn load(conn: &mut Connection, locations: &[Bdf]) -> Result<Loaded, StoreError> 
         assignments,
         kubelet,
         quarantine,
+        functions,
+        programming,
         failures,
     })
+}
+
+type LoadedFunctions = (Vec<(GlobalIndex, Bdf, FunctionName)>, Vec<Programming>);
+
+/// The re-programmed VFs' functions, and the re-programmings under way.
+fn load_functions(conn: &Connection) -> Result<LoadedFunctions, StoreError> {
+    let index = |table: &'static str, gi: i64| {
+        u32::try_from(gi)
+            .map(GlobalIndex::new)
+            .map_err(|_| bad_row(table, format!("VF {gi}: index")))
+    };
+    let parse = |table: &'static str, gi: i64, what: &str, text: String| {
+        FunctionName::new(&text).map_err(|e| bad_row(table, format!("VF {gi}: {what}: {e}")))
+    };
+    let location = |table: &'static str, gi: i64, text: String| {
+        text.parse::<Bdf>()
+            .map_err(|e| bad_row(table, format!("VF {gi}: {e}")))
+    };
+    let mut functions = Vec::new();
+    let mut stmt = conn
+        .prepare("SELECT global_index, location, function FROM functions ORDER BY global_index")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let gi: i64 = r.get(0)?;
+        functions.push((
+            index("functions", gi)?,
+            location("functions", gi, r.get(1)?)?,
+            parse("functions", gi, "function", r.get(2)?)?,
+        ));
+    }
+    let mut programming = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT global_index, location, from_function, to_function FROM programming ORDER BY global_index",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let gi: i64 = r.get(0)?;
+        programming.push(Programming {
+            global_index: index("programming", gi)?,
+            location: location("programming", gi, r.get(1)?)?,
+            from: parse("programming", gi, "from_function", r.get(2)?)?,
+            to: parse("programming", gi, "to_function", r.get(3)?)?,
+        });
+    }
+    Ok((functions, programming))
 }
 
 /// The quarantined VFs.
@@ -562,6 +615,47 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         Mutation::Pool(Change::ClearQuarantine { global_index }) => {
             let n = run(
                 "DELETE FROM quarantine WHERE global_index = ?1",
+                params![global_index.get()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+        }
+        Mutation::Pool(Change::ProgramStart(p)) => {
+            run(
+                "INSERT INTO programming (global_index, location, from_function, to_function) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    p.global_index.get(),
+                    p.location.to_string(),
+                    p.from.as_str(),
+                    p.to.as_str()
+                ],
+            )?;
+        }
+        // The VF carries its new function from now on, across restarts.
+        Mutation::Pool(Change::Programmed {
+            global_index,
+            function,
+            ..
+        }) => {
+            let n = run(
+                "DELETE FROM programming WHERE global_index = ?1",
+                params![global_index.get()],
+            )?;
+            if n != 1 {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+            run(
+                "INSERT INTO functions (global_index, location, function)
+                 SELECT global_index, location, ?2 FROM vfs WHERE global_index = ?1
+                 ON CONFLICT (global_index) DO UPDATE SET function = ?2",
+                params![global_index.get(), function.as_str()],
+            )?;
+        }
+        // The VF keeps the function it had (and goes to quarantine in the same commit).
+        Mutation::Pool(Change::ProgramAbandoned { global_index }) => {
+            let n = run(
+                "DELETE FROM programming WHERE global_index = ?1",
                 params![global_index.get()],
             )?;
             if n != 1 {

@@ -86,6 +86,13 @@ enum Command {
         /// Only this VM.
         vm: Option<vfmap_core::VmName>,
     },
+    /// Re-program a free VF into another function with its card's hook (daemon; docs/hooks.md).
+    Program {
+        /// The VF's global index (`vfmap inventory` shows it).
+        global_index: vfmap_core::GlobalIndex,
+        /// The function it is to carry; its card's profile must allow it (`programmable_to`).
+        function: vfmap_core::FunctionName,
+    },
     /// List or clear VFs quarantined after a failed scrub (daemon; docs/hooks.md).
     Quarantine {
         #[command(subcommand)]
@@ -231,6 +238,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { vm } => {
             remote::run(&remote(cli.socket)?, remote::Call::Status(vm), cli.json)
         }
+        Command::Program {
+            global_index,
+            function,
+        } => remote::run(
+            &remote(cli.socket)?,
+            remote::Call::Program {
+                global_index,
+                function,
+            },
+            cli.json,
+        ),
         Command::Quarantine { command } => remote::run(
             &remote(cli.socket)?,
             remote::Call::Quarantine(command.unwrap_or(remote::QuarantineCommand::List)),

@@ -133,6 +133,13 @@ pub enum Call {
     Status(Option<VmName>),
     /// `GET /v1/quarantine`, `POST /v1/quarantine/{global_index}/clear`
     Quarantine(QuarantineCommand),
+    /// `POST /v1/vfs/{global_index}/program`
+    Program {
+        /// The VF.
+        global_index: vfmap_core::GlobalIndex,
+        /// The function it is to carry.
+        function: vfmap_core::FunctionName,
+    },
 }
 
 /// A request body, serialised.
@@ -210,6 +217,16 @@ fn request(call_spec: &Call) -> Result<(Method, String, Option<Vec<u8>>), Failur
         Call::Quarantine(QuarantineCommand::List) => {
             (Method::GET, "/v1/quarantine".to_owned(), None)
         }
+        Call::Program {
+            global_index,
+            function,
+        } => (
+            Method::POST,
+            format!("/v1/vfs/{global_index}/program"),
+            body(&vfmap_api::ProgramRequest {
+                function: function.clone(),
+            })?,
+        ),
         Call::Quarantine(QuarantineCommand::Clear {
             global_index,
             force,
@@ -471,6 +488,13 @@ fn render(call_spec: &Call, value: &Value) -> Result<String, Failure> {
                 })
                 .collect();
             table(&["INDEX", "VF", "FUNCTION", "WHY"], rows)
+        }
+        Call::Program { .. } => {
+            let done: vfmap_api::Programmed = answer(value)?;
+            format!(
+                "VF {} ({}) re-programmed: {} -> {}\n",
+                done.global_index, done.location, done.from, done.to
+            )
         }
         Call::Quarantine(QuarantineCommand::Clear { .. }) => {
             let cleared: vfmap_api::Cleared = answer(value)?;

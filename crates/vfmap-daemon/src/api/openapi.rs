@@ -18,7 +18,7 @@ use vfmap_api::ErrorBody;
 use super::{
     __path_add_vm, __path_attach, __path_clear_quarantine, __path_detach, __path_get_vm,
     __path_health, __path_inventory, __path_list_quarantine, __path_list_vms, __path_metrics,
-    __path_openapi_document, __path_remove_vm,
+    __path_openapi_document, __path_program_vf, __path_remove_vm,
 };
 
 /// What the document says before its paths.
@@ -74,6 +74,7 @@ here fails it.";
         detach,
         list_quarantine,
         clear_quarantine,
+        program_vf,
         openapi_document,
         metrics,
     ),

@@ -55,6 +55,7 @@ impl Engine {
         request: Request,
     ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {
         let spec = self.vm_spec(request.vm.as_str())?;
+        self.program_for(&request).await?;
         let mutations = self
             .commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_reserve(&request)?)]))
             .await?;

@@ -76,7 +76,9 @@ impl Engine {
                         owner: h.owner.clone(),
                         allocated_at_ms: h.allocated_at_ms,
                     },
-                    HolderRef::Kubelet(_) | HolderRef::Quarantined(_) => VfHolder::Unusable,
+                    HolderRef::Kubelet(_)
+                    | HolderRef::Quarantined(_)
+                    | HolderRef::Programming(_) => VfHolder::Unusable,
                 };
                 Some(FunctionVf {
                     global_index: vf.global_index,

@@ -52,6 +52,7 @@ impl Engine {
         let held = &held;
         futures_util::future::join_all(vms.into_iter().map(|vm| self.recover_vm(vm, held))).await;
         self.recover_kubelet().await;
+        self.recover_programming().await;
         Ok(())
     }
 

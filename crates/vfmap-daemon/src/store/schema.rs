@@ -34,6 +34,19 @@ CREATE TABLE IF NOT EXISTS assignments (
     UNIQUE (vm, local_index),
     CHECK ((consumer = 'vm') = (vm IS NOT NULL AND local_index IS NOT NULL))
 );
+-- The function of each VF re-programmed at run time (its drivers are the function's, as the
+-- profiles define it), and the re-programmings under way. Schema version 3.
+CREATE TABLE IF NOT EXISTS functions (
+    global_index INTEGER PRIMARY KEY REFERENCES vfs(global_index),
+    location     TEXT NOT NULL,
+    function     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS programming (
+    global_index  INTEGER PRIMARY KEY REFERENCES vfs(global_index),
+    location      TEXT NOT NULL,
+    from_function TEXT NOT NULL,
+    to_function   TEXT NOT NULL
+);
 -- VFs out of the pool after a failed scrub, until an operator clears them. Schema version 3.
 CREATE TABLE IF NOT EXISTS quarantine (
     global_index INTEGER PRIMARY KEY REFERENCES vfs(global_index),
@@ -77,8 +90,9 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 ///   "agent_socket"}} | {"libvirt": {…}}, "slots", "numa_node"}`;
 /// - 2: `assignments` also holds the kubelet's VFs: a `consumer` column (`vm` | `kubelet`),
 ///   `vm` and `local_index` only for VMs, `owner` and `allocated_at` for the kubelet;
-/// - 3: a `quarantine` table (VFs whose scrub failed). An older daemon must not open it: it
-///   would hand those VFs out.
+/// - 3: `quarantine` (VFs whose scrub failed), `functions` and `programming` (VFs
+///   re-programmed at run time, and being re-programmed). An older daemon must not open it: it
+///   would hand quarantined VFs out and take re-programmed ones for their profile's function.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a database written by an older daemon up to [`SCHEMA_VERSION`], in one transaction;
