@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod config_space;
 pub mod discovered;
+pub mod discovered_apply;
 pub mod facts;
 pub mod index;
 pub mod kubelet;

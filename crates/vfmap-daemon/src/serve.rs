@@ -361,6 +361,25 @@ async fn start(
         changes = report.steps.len(),
         "host prepared"
     );
+    // The cards' discover hooks, checked against the profile: disagreements are problems.
+    let mut tables = tables;
+    let runs = blocking(|| {
+        let run = |inv: &vfmap_sysfs::Invocation<'_>| {
+            let started = std::time::Instant::now();
+            let result = vfmap_sysfs::run_hook(inv);
+            metrics.hook_ran(inv.phase.as_str(), result.is_ok(), started.elapsed());
+            result
+        };
+        vfmap_sysfs::discover_runs(&config.sysfs_root, &profiles_for_hooks, &tables, &run)
+    })
+    .await;
+    for run in &runs {
+        for line in &run.stderr_tail {
+            info!(card = %run.card, phase = "discover", pf = %run.pf, "hook: {line}");
+        }
+        info!(card = %run.card, phase = "discover", pf = %run.pf, ms = run.duration.as_millis() as u64, agrees = run.agrees(), "hook done");
+        tables.problems.extend(run.problems());
+    }
     for problem in &tables.problems {
         tracing::warn!(device = %problem.device, attribute = %problem.attribute, "{}", problem.message);
     }

@@ -9,12 +9,16 @@ use std::path::PathBuf;
 
 mod config;
 mod discover;
+pub mod discover_hook;
 pub mod doctor;
 pub mod hooks;
 mod prepare;
 
 pub use config::{MAX_CONFIG_LEN, VerifyError, read_config, verify_reset_state};
 pub use discover::Sysfs;
+pub use discover_hook::{
+    DiscoverFailure, DiscoverRun, Discovered, discover_problems, discover_runs,
+};
 pub use hooks::{
     HookContext, HookError, HookOutput, HookPathError, HookPhase, Invocation, check_hook_path,
     run_hook,

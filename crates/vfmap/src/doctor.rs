@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use vfmap_sysfs::Sysfs;
+use vfmap_sysfs::discover_hook::{self, discover_runs};
 use vfmap_sysfs::doctor::{Check, ModulesDir, Status, assess, probe, profile_modules};
+use vfmap_sysfs::{Sysfs, run_hook};
 
 use crate::{Failure, exit, load_profiles, print_json, print_text};
 
@@ -103,6 +104,12 @@ pub fn run(args: &DoctorArgs, socket: Option<&Path>, json: bool) -> Result<(), F
     let index = ModulesDir::for_root(&root);
     let facts = probe(&sysfs, &root, &index, &profile_modules(&profiles));
     let mut checks = assess(&facts, &profiles);
+    // Each card's discover hook, run on its PFs and checked against the profile.
+    if let Ok(discovered) = &facts.discovered {
+        let tables = vfmap_core::Tables::build(discovered, &profiles);
+        let runs = discover_runs(&sysfs_root, &profiles, &tables, &run_hook);
+        checks.extend(discover_hook::doctor_checks(&profiles, &runs));
+    }
     if let Some(dir) = &state_dir {
         checks.push(daemon::state_dir(dir));
     }

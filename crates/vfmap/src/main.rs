@@ -307,6 +307,9 @@ fn inventory(host: &HostArgs, state_db: Option<&Path>, json: bool) -> Result<(),
     let profiles = load_profiles(&host.profiles)?;
     let facts = discover(&host.sysfs_root)?;
     let mut tables = Tables::build(&facts, &profiles);
+    // The cards' discover hooks, checked against the profiles: disagreements are problems.
+    let discovered = vfmap_sysfs::discover_problems(&host.sysfs_root, &profiles, &tables);
+    tables.problems.extend(discovered);
     // The daemon's numbering, when its database is given or found: the same core function
     // numbers VFs here and in the daemon, so both show the same global index for a VF.
     let default = Path::new(DEFAULT_STATE_DB);
