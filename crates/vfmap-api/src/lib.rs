@@ -461,6 +461,13 @@ pub struct InventoryVf {
     /// plugin) instead of a VM; `vm`, `local_index` and `state` are then `null`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubelet: Option<KubeletHolding>,
+    /// Set when the VF is quarantined (its scrub failed): why. It is not handed out until an
+    /// operator clears it (`GET /v1/quarantine`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    /// Set while the VF's card re-programs it: the function it is to carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programming: Option<FunctionName>,
 }
 
 /// A VF the kubelet holds.

@@ -380,14 +380,18 @@ fn inventory(inventory: &Inventory) -> String {
                 or_dash(v.function.as_ref()),
                 v.location.to_string(),
                 v.pf.to_string(),
-                match &v.kubelet {
-                    Some(k) => holder_text(k.owner.as_ref()),
-                    None => or_dash(v.vm.as_ref()),
+                match (&v.kubelet, &v.quarantined, &v.programming) {
+                    (Some(k), _, _) => holder_text(k.owner.as_ref()),
+                    (None, Some(_), _) => "(quarantine)".to_owned(),
+                    (None, None, Some(_)) => "(its card)".to_owned(),
+                    (None, None, None) => or_dash(v.vm.as_ref()),
                 },
                 or_dash(v.local_index),
-                match &v.kubelet {
-                    Some(k) => k.state.as_str().to_owned(),
-                    None => or_dash(v.state.map(|s| s.as_str())),
+                match (&v.kubelet, &v.quarantined, &v.programming) {
+                    (Some(k), _, _) => k.state.as_str().to_owned(),
+                    (None, Some(_), _) => "quarantined".to_owned(),
+                    (None, None, Some(to)) => format!("programming into {to}"),
+                    (None, None, None) => or_dash(v.state.map(|s| s.as_str())),
                 },
             ]
         })

@@ -53,6 +53,16 @@ fn a_vf_left_bus_mastering_is_quarantined_kept_out_and_cleared_once_clean() {
     assert_eq!(list[0]["function"], "crypto");
     let reason = list[0]["reason"].as_str().unwrap();
     assert!(reason.contains("bus master"), "{reason}");
+    let inventory = world.json(&["inventory"]);
+    let row = inventory["vfs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["location"] == vf.to_string().as_str())
+        .unwrap();
+    assert!(row["quarantined"].as_str().unwrap().contains("bus master"));
+    let text = String::from_utf8(world.cli(&["inventory"]).stdout).unwrap();
+    assert!(text.contains("quarantined"), "{text}");
     let text = String::from_utf8(world.cli(&["quarantine", "list"]).stdout).unwrap();
     assert!(
         text.contains(&vf.to_string()) && text.contains("bus master"),

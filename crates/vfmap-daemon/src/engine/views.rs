@@ -124,6 +124,14 @@ impl Engine {
                     allocated_at_ms: h.allocated_at_ms,
                     state: h.state,
                 }),
+            quarantined: state
+                .pool
+                .quarantine_of(vf.global_index)
+                .map(|q| q.reason.clone()),
+            programming: match state.pool.holder(vf.global_index) {
+                vfmap_core::HolderRef::Programming(p) => Some(p.to.clone()),
+                _ => None,
+            },
         }
     }
 
