@@ -86,7 +86,7 @@ impl Engine {
         let ran =
             tokio::task::spawn_blocking(move || host.program(location, &from_owned, &to_owned))
                 .await
-                .unwrap_or_else(|_| Err(ProgramError::Stopped { vf: location }));
+                .unwrap_or(Err(ProgramError::Stopped { vf: location }));
         match ran {
             Ok(()) => {
                 self.commit(|s| {
