@@ -69,7 +69,8 @@ vm_iommu() {
 
 # vm_sriov_nvme_pf ARRAY BUS: QEMU's emulated NVMe PF with SR-IOV behind root port BUS: up to 3
 # VFs, which report the PF's own ID (1b36:0010), with flexible queue and interrupt resources for
-# their secondary controllers (brought online with nvme-cli: nested/lib.sh controllers_online).
+# their secondary controllers (brought online with nvme-cli by examples/hooks/nvme-bring-up, the
+# bring_up hook of the nested scenarios' profiles in nested/lib.sh).
 vm_sriov_nvme_pf() {
     local -n _vm_args=$1
     _vm_args+=(-device nvme-subsys,id=subsys0

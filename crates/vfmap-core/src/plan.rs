@@ -2,15 +2,19 @@
 //!
 //! Pure: facts and profiles in, steps or refusals out. The sysfs adapter executes the steps.
 //! Planning runs in two phases because binding needs the VFs that enabling creates:
-//! [`plan_sriov`] (autoprobe and VF counts), then, after a rescan, [`plan_binds`].
+//! [`plan_sriov`] (autoprobe and VF counts), then, after a rescan, [`plan_bring_ups`] (the
+//! cards' `bring_up` hooks, per VF) and [`plan_binds`]: every VF is brought up before any is
+//! bound to its host driver, so none is offered before its card's bring-up ran.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::addr::Bdf;
 use crate::facts::HostFacts;
-use crate::profile::{DriverName, Profiles};
+use crate::profile::{Card, DriverName, FunctionName, HookPhase, Profiles};
 use crate::tables::Tables;
 
 /// One change to the host.
@@ -47,6 +51,37 @@ pub enum Step {
         /// The driver bound, to write into `driver_override`.
         driver: DriverName,
     },
+    /// Run the card's `bring_up` hook for one VF (its function's own hook when it names one).
+    /// Planned at every `prepare`, since vfmap cannot see whether a card's bring-up is done:
+    /// hooks are idempotent (`docs/hooks.md`). Boxed: the other steps are small.
+    BringUp(Box<BringUp>),
+}
+
+/// One VF's `bring_up` hook run ([`Step::BringUp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BringUp {
+    /// The VF.
+    pub vf: Bdf,
+    /// Its PF.
+    pub pf: Bdf,
+    /// The VF's number on its PF (the N of `virtfnN`).
+    pub vf_number: u16,
+    /// The profile's card name.
+    pub card: String,
+    /// The function the VF carries per the profile, if any.
+    pub function: Option<FunctionName>,
+    /// The hook, an absolute path from the profile.
+    pub hook: PathBuf,
+    /// The hook's deadline in milliseconds.
+    pub deadline_ms: u64,
+}
+
+impl Step {
+    /// Whether the step runs a card's hook rather than writing sysfs itself (what the hook
+    /// changes, if anything, vfmap does not see).
+    pub fn is_hook(&self) -> bool {
+        matches!(self, Step::BringUp(_))
+    }
 }
 
 impl fmt::Display for Step {
@@ -65,6 +100,15 @@ impl fmt::Display for Step {
                 unbind_from: None,
             } => write!(f, "{vf}: bind {driver}"),
             Step::PinOverride { vf, driver } => write!(f, "{vf}: pin driver_override = {driver}"),
+            Step::BringUp(run) => write!(
+                f,
+                "{}: run bring_up hook {} (card {:?}, VF {} of {})",
+                run.vf,
+                run.hook.display(),
+                run.card,
+                run.vf_number,
+                run.pf
+            ),
         }
     }
 }
@@ -199,7 +243,44 @@ pub fn plan_sriov(facts: &HostFacts, profiles: &Profiles) -> Result<Vec<Step>, V
     }
 }
 
-/// Phase 2: bind every VF that has a function to its function's host driver.
+/// Phase 2, first: the `bring_up` hook of every VF whose card (or function) names one, in
+/// table order (by PF, then VF number). A VF's hook is its function's own when the function
+/// names one, else its card's; VFs without a function get the card's.
+pub fn plan_bring_ups(tables: &Tables, profiles: &Profiles) -> Vec<Step> {
+    let cards: BTreeMap<Bdf, &Card> = tables
+        .pfs
+        .iter()
+        .filter_map(|pf| {
+            let card = profiles.card_for(pf.location, pf.vendor?, pf.device?)?;
+            Some((pf.location, card))
+        })
+        .collect();
+    // In VF order whatever the numbering (a stored one may differ from location order).
+    let mut vfs: Vec<_> = tables
+        .vfs
+        .iter()
+        .filter(|vf| cards.contains_key(&vf.pf))
+        .collect();
+    vfs.sort_by_key(|vf| (vf.pf, vf.vf_index));
+    vfs.into_iter()
+        .filter_map(|vf| {
+            let card = cards[&vf.pf];
+            let function = vf.function.as_ref();
+            let (hook, deadline) = card.hook(HookPhase::BringUp, function.map(|f| f.as_str()))?;
+            Some(Step::BringUp(Box::new(BringUp {
+                vf: vf.location,
+                pf: vf.pf,
+                vf_number: vf.vf_index,
+                card: card.name.clone(),
+                function: function.cloned(),
+                hook: hook.as_path().to_owned(),
+                deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            })))
+        })
+        .collect()
+}
+
+/// Phase 2, then: bind every VF that has a function to its function's host driver.
 /// VFs without a function are left as they are.
 pub fn plan_binds(tables: &Tables) -> Vec<Step> {
     tables
@@ -374,5 +455,77 @@ guest_driver = "pci-stub"
         }
         let t = Tables::build(&facts(p), &profiles());
         assert!(plan_binds(&t).is_empty());
+    }
+
+    const HOOKED: &str = r#"
+[[card]]
+name = "acme"
+vendor = "0x1b36"
+device = "0x0010"
+num_vfs = 3
+[card.hooks]
+bring_up = "/usr/lib/vfmap/hooks/acme-up"
+deadline_ms = 2000
+[[card.function]]
+name = "crypto"
+vfs = "0"
+guest_driver = "pci-stub"
+[[card.function]]
+name = "compress"
+vfs = "1"
+guest_driver = "pci-stub"
+[card.function.hooks]
+bring_up = "/usr/lib/vfmap/hooks/compress-up"
+deadline_ms = 7000
+"#;
+
+    #[test]
+    fn bring_ups_per_vf_in_vf_order_with_the_function_hook_over_the_card_hook() {
+        let profiles = Profiles::parse(HOOKED, "p.toml").unwrap();
+        let mut tables = Tables::build(&facts(pf(3, false, None)), &profiles);
+        // A stored numbering out of location order must not change the order of the runs.
+        tables.vfs.reverse();
+        let steps = plan_bring_ups(&tables, &profiles);
+        let pf: Bdf = "0000:01:00.0".parse().unwrap();
+        let want = |n: u16, function: Option<&str>, hook: &str, deadline_ms| {
+            Step::BringUp(Box::new(BringUp {
+                vf: pf.vf_location(1, 1, n).unwrap(),
+                pf,
+                vf_number: n,
+                card: "acme".into(),
+                function: function.map(|f| FunctionName::new(f).unwrap()),
+                hook: PathBuf::from(hook),
+                deadline_ms,
+            }))
+        };
+        assert_eq!(
+            steps,
+            vec![
+                want(0, Some("crypto"), "/usr/lib/vfmap/hooks/acme-up", 2000),
+                want(
+                    1,
+                    Some("compress"),
+                    "/usr/lib/vfmap/hooks/compress-up",
+                    7000
+                ),
+                // VF 2 has no function: the card's hook.
+                want(2, None, "/usr/lib/vfmap/hooks/acme-up", 2000),
+            ]
+        );
+        assert!(steps.iter().all(Step::is_hook));
+        assert_eq!(
+            steps[1].to_string(),
+            "0000:01:00.2: run bring_up hook /usr/lib/vfmap/hooks/compress-up (card \"acme\", VF 1 of 0000:01:00.0)"
+        );
+        let json = serde_json::to_value(&steps[2]).unwrap();
+        assert_eq!(json["action"], "bring_up");
+        assert_eq!(json["hook"], "/usr/lib/vfmap/hooks/acme-up");
+        assert_eq!(json["function"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn no_bring_up_hook_plans_nothing() {
+        let t = Tables::build(&facts(pf(3, false, None)), &profiles());
+        assert!(plan_bring_ups(&t, &profiles()).is_empty());
     }
 }

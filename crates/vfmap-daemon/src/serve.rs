@@ -341,12 +341,32 @@ async fn start(
     let scanned = sysfs.clone();
     // The hooks of the cards found, by VF, once the tables are known.
     let profiles_for_hooks = profiles.clone();
+    let prepare_metrics = metrics.clone();
     let report = blocking(move || {
-        vfmap_sysfs::prepare(
+        // The bring_up hooks prepare runs, VF by VF before the binds: logged and timed.
+        let hooks = |inv: &vfmap_sysfs::Invocation<'_>| {
+            let started = std::time::Instant::now();
+            let result = vfmap_sysfs::run_hook(inv);
+            let took = started.elapsed();
+            prepare_metrics.hook_ran(inv.phase.as_str(), result.is_ok(), took);
+            let vf = inv.vf.map(|vf| vf.to_string()).unwrap_or_default();
+            match &result {
+                Ok(out) => {
+                    for line in &out.stderr_tail {
+                        info!(card = %inv.card, phase = %inv.phase, vf = %vf, "hook: {line}");
+                    }
+                    info!(card = %inv.card, phase = %inv.phase, vf = %vf, ms = took.as_millis() as u64, "hook done");
+                }
+                Err(e) => tracing::warn!(card = %inv.card, phase = %inv.phase, vf = %vf, error = %e, "hook failed"),
+            }
+            result
+        };
+        vfmap_sysfs::prepare_with_hooks(
             &scanned,
             &profiles,
             &FileWriter,
             &Modprobe,
+            &hooks,
             settle,
             &mut |step| {
                 info!(step = %step, "prepare");

@@ -24,8 +24,8 @@ pub use hooks::{
     run_hook,
 };
 pub use prepare::{
-    FileWriter, Modprobe, ModuleLoader, PrepareError, PrepareReport, SysfsWriter, ensure_bound,
-    prepare, reset_function,
+    FileWriter, HookRunner, Modprobe, ModuleLoader, PrepareError, PrepareReport, RunHooks,
+    SysfsWriter, ensure_bound, prepare, prepare_with_hooks, reset_function,
 };
 
 /// Failures reading a sysfs tree as a whole (per-device trouble is a `Problem` instead).

@@ -1,4 +1,5 @@
-//! Executing `prepare`: the planner decides, this module writes and verifies.
+//! Executing `prepare`: the planner decides, this module writes, runs the cards' `bring_up`
+//! hooks and verifies.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -6,8 +7,10 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vfmap_core::plan::plan_bring_ups;
 use vfmap_core::{Bdf, DriverName, PlanError, Profiles, Step, Tables, plan_binds, plan_sriov};
 
+use crate::hooks::{HookError, HookOutput, HookPhase, Invocation, run_hook};
 use crate::{SysfsError, discover::Sysfs};
 
 /// Writes sysfs attributes. The real one writes files; a test double can emulate the kernel.
@@ -58,6 +61,33 @@ impl ModuleLoader for Modprobe {
     }
 }
 
+/// Runs a card's hook for `prepare` (its `bring_up` hooks). The real one is [`RunHooks`]; a
+/// closure taking an [`Invocation`] is one too, so a caller can log or time each run around
+/// [`run_hook`], and a test can record the runs.
+pub trait HookRunner {
+    /// Runs the hook `invocation` names, as [`run_hook`] does.
+    fn run(&self, invocation: &Invocation<'_>) -> Result<HookOutput, HookError>;
+}
+
+/// Runs hooks with [`run_hook`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunHooks;
+
+impl HookRunner for RunHooks {
+    fn run(&self, invocation: &Invocation<'_>) -> Result<HookOutput, HookError> {
+        run_hook(invocation)
+    }
+}
+
+impl<F> HookRunner for F
+where
+    F: Fn(&Invocation<'_>) -> Result<HookOutput, HookError>,
+{
+    fn run(&self, invocation: &Invocation<'_>) -> Result<HookOutput, HookError> {
+        self(invocation)
+    }
+}
+
 /// Why `prepare` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -105,6 +135,23 @@ pub enum PrepareError {
         /// The driver found.
         found: Option<String>,
     },
+    /// A VF's `bring_up` hook failed (or could not be run). The VFs brought up before it stay
+    /// so; no VF was bound to its host driver, so none is offered. The hook's error (card,
+    /// hook, exit status, last stderr lines) is the source.
+    #[error(
+        "{step}: the VF was not brought up, so prepare stopped before binding any VF to its host driver"
+    )]
+    BringUp {
+        /// The step being executed.
+        step: Step,
+        /// The card.
+        card: String,
+        /// The VF.
+        vf: Bdf,
+        /// The hook's error.
+        #[source]
+        source: Box<HookError>,
+    },
     /// After writing `sriov_numvfs`, the PF does not have the VFs wanted.
     #[error("{step}: the PF reports {found} VFs afterwards")]
     NumVfsNotEffective {
@@ -124,8 +171,9 @@ pub struct PrepareReport {
     pub tables: Tables,
 }
 
-/// Makes the host under `sysfs` match `profiles`: disables autoprobe, sets VF counts, binds each
-/// VF with a function to its host driver, and verifies. `on_step` hears each step before it runs.
+/// Makes the host under `sysfs` match `profiles`: disables autoprobe, sets VF counts, runs
+/// each VF's `bring_up` hook (with [`RunHooks`]), binds each VF with a function to its host
+/// driver, and verifies. `on_step` hears each step before it runs. See [`prepare_with_hooks`].
 pub fn prepare(
     sysfs: &Sysfs,
     profiles: &Profiles,
@@ -134,10 +182,31 @@ pub fn prepare(
     settle: Duration,
     on_step: &mut dyn FnMut(&Step),
 ) -> Result<PrepareReport, PrepareError> {
+    prepare_with_hooks(sysfs, profiles, writer, loader, &RunHooks, settle, on_step)
+}
+
+/// [`prepare`] with the hooks run by `hooks`.
+///
+/// The order: the SR-IOV steps (the VFs exist afterwards), then every VF's `bring_up` hook,
+/// VF by VF in order (by PF, then VF number; [`Step::BringUp`]), then the host-driver binds:
+/// no VF is bound, hence offered, before every hook ran. The hooks run at every call (a
+/// daemon's every start), since vfmap cannot see whether a card's bring-up is done: they must
+/// be idempotent. A failing hook stops `prepare` there ([`PrepareError::BringUp`]); the VFs
+/// brought up before it stay so.
+pub fn prepare_with_hooks(
+    sysfs: &Sysfs,
+    profiles: &Profiles,
+    writer: &dyn SysfsWriter,
+    loader: &dyn ModuleLoader,
+    hooks: &dyn HookRunner,
+    settle: Duration,
+    on_step: &mut dyn FnMut(&Step),
+) -> Result<PrepareReport, PrepareError> {
     let executor = Executor {
         sysfs,
         writer,
         loader,
+        hooks,
         settle,
     };
     let mut done = Vec::new();
@@ -158,13 +227,17 @@ pub fn prepare(
         sysfs.discover()?
     };
     let tables = Tables::build(&facts, profiles);
-    for step in plan_binds(&tables) {
+    for step in plan_bring_ups(&tables, profiles)
+        .into_iter()
+        .chain(plan_binds(&tables))
+    {
         on_step(&step);
         executor.run(&step)?;
         done.push(step);
     }
 
-    let tables = if done.is_empty() {
+    // Hooks write nothing vfmap reads back: read the host again only after its own writes.
+    let tables = if done.iter().all(Step::is_hook) {
         tables
     } else {
         Tables::build(&sysfs.discover()?, profiles)
@@ -189,6 +262,7 @@ pub fn ensure_bound(
         sysfs,
         writer,
         loader,
+        hooks: &RunHooks,
         settle,
     };
     let bound = sysfs.driver_of(vf).ok().flatten();
@@ -216,6 +290,7 @@ struct Executor<'a> {
     sysfs: &'a Sysfs,
     writer: &'a dyn SysfsWriter,
     loader: &'a dyn ModuleLoader,
+    hooks: &'a dyn HookRunner,
     settle: Duration,
 }
 
@@ -278,6 +353,29 @@ impl Executor<'_> {
                 self.sysfs.device_dir(*vf).join("driver_override"),
                 driver.as_str(),
             ),
+            Step::BringUp(run) => {
+                let invocation = Invocation {
+                    program: &run.hook,
+                    phase: HookPhase::BringUp,
+                    card: &run.card,
+                    pf: run.pf,
+                    vf: Some(run.vf),
+                    vf_number: Some(run.vf_number),
+                    function: run.function.as_ref().map(|f| f.as_str()),
+                    from_function: None,
+                    sysfs_root: self.sysfs.root(),
+                    deadline: Duration::from_millis(run.deadline_ms),
+                };
+                match self.hooks.run(&invocation) {
+                    Ok(_) => Ok(()),
+                    Err(source) => Err(PrepareError::BringUp {
+                        step: step.clone(),
+                        card: run.card.clone(),
+                        vf: run.vf,
+                        source: Box::new(source),
+                    }),
+                }
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use vfmap_core::{Profiles, Tables, plan_binds, plan_sriov};
-use vfmap_sysfs::{FileWriter, Modprobe, PrepareError, Sysfs, prepare};
+use vfmap_sysfs::{FileWriter, Modprobe, PrepareError, Sysfs, prepare_with_hooks};
 
 /// Per-function SR-IOV VF pass-through: inventory, host preparation, the host daemon and its
 /// client.
@@ -364,7 +364,11 @@ fn run_prepare(
         let facts = discover(&host.sysfs_root)?;
         let mut steps = plan_sriov(&facts, &profiles)
             .map_err(|e| Failure::new(exit::REFUSED, "refused", PrepareError::Refused(e)))?;
-        steps.extend(plan_binds(&Tables::build(&facts, &profiles)));
+        // Each VF's bring_up hook, listed, not run (VFs this would create are not known yet,
+        // as for their binds).
+        let tables = Tables::build(&facts, &profiles);
+        steps.extend(vfmap_core::plan::plan_bring_ups(&tables, &profiles));
+        steps.extend(plan_binds(&tables));
         if json {
             return print_json(&PrepareDoc {
                 dry_run,
@@ -391,11 +395,22 @@ fn run_prepare(
             eprintln!("{:>7.2}s  {step}", started.elapsed().as_secs_f64());
         }
     };
-    let report = prepare(
+    // A bring_up hook's kept stderr lines (its progress and reasons) under its step's line.
+    let hooks = |inv: &vfmap_sysfs::Invocation<'_>| {
+        let result = vfmap_sysfs::run_hook(inv);
+        if let (Ok(out), false) = (&result, json) {
+            for line in &out.stderr_tail {
+                eprintln!("           {line}");
+            }
+        }
+        result
+    };
+    let report = prepare_with_hooks(
         &sysfs,
         &profiles,
         &FileWriter,
         &Modprobe,
+        &hooks,
         settle,
         &mut on_step,
     )
@@ -403,10 +418,13 @@ fn run_prepare(
         PrepareError::Refused(_) => Failure::new(exit::REFUSED, "refused", e),
         other => Failure::new(exit::FAILED, "prepare_failed", other),
     })?;
+    // bring_up hooks run at every prepare; they are not changes vfmap made to sysfs.
+    let hook_runs = report.steps.iter().filter(|s| s.is_hook()).count();
+    let changes = report.steps.len() - hook_runs;
     if json {
         return print_json(&PrepareDoc {
             dry_run,
-            changed: !report.steps.is_empty(),
+            changed: changes > 0,
             steps: &report.steps,
             tables: Some(&report.tables),
         });
@@ -417,14 +435,18 @@ fn run_prepare(
         .iter()
         .filter(|v| v.host_driver.is_some())
         .count();
-    print_text(&if report.steps.is_empty() {
+    let ran = match hook_runs {
+        0 => String::new(),
+        1 => "; 1 bring_up hook ran".to_owned(),
+        n => format!("; {n} bring_up hooks ran"),
+    };
+    print_text(&if changes == 0 {
         format!(
-            "nothing to do: the host already matches the profiles ({bound} VFs with a function)\n"
+            "nothing to do: the host already matches the profiles ({bound} VFs with a function{ran})\n"
         )
     } else {
         format!(
-            "prepared: {} changes in {:.2}s; {bound} VFs with a function are bound to their host driver\n",
-            report.steps.len(),
+            "prepared: {changes} changes in {:.2}s; {bound} VFs with a function are bound to their host driver{ran}\n",
             started.elapsed().as_secs_f64()
         )
     })

@@ -185,23 +185,24 @@ header() { echo "VFMAP-BENCH round tool total_ms reserve_ms host_bind_ms device_
 # bench_baseline: the default benchmark, vfmap's shapes against the bare baseline in one VM.
 bench_baseline() {
     local r i shapes=(vfmap-1 vfmap-3 vfmap-3x1 baseline-1 baseline-3)
-    cat > "$W/profiles.toml" <<'TOML'
+    cat > "$W/profiles.toml" <<TOML
 # QEMU's emulated NVMe PF (1b36:0010): for the benchmark, its three same-ID VFs do one job, so
-# that one request can take all three.
+# that one request can take all three. The VFs' controllers come online by the bring_up hook.
 [[card]]
 name = "qemu-nvme-sriov"
 vendor = "0x1b36"
 device = "0x0010"
 num_vfs = 3
+[card.hooks]
+bring_up = "$HOOKS/nvme-bring-up"
 [[card.function]]
 name = "bench"
 description = "the benchmark's VFs"
 vfs = "0-2"
 guest_driver = "pci-stub"
 TOML
-    step "starting the daemon, the VFs' controllers and the VM (baseline watcher on rp3-rp5)"
+    step "starting the daemon (the VFs' controllers by its bring_up hook) and the VM (baseline watcher on rp3-rp5)"
     start_daemon || check daemon-start FAIL ""
-    controllers_online
     VM_PORTS=6 start_vm "vfmap.baseline=1 vfmap.baseline_port=0000:00:03.3,0000:00:03.4,0000:00:03.5 vfmap.bench=1"
     vfmap vm add inner --qmp "$W/inner.qmp" --agent "$W/inner.agent" --slot rp0 --slot rp1 --slot rp2 > /dev/null ||
         check vm-add FAIL "vfmap vm add failed"
@@ -227,9 +228,8 @@ TOML
 # round attaches in every VM, in the listed order on odd rounds and the reverse on even ones.
 bench_agents() {
     local spec vm r i names=()
-    step "starting the daemon, the VFs' controllers and one VM per agent ($AGENTS)"
+    step "starting the daemon (the VFs' controllers by its bring_up hook) and one VM per agent ($AGENTS)"
     start_daemon || check daemon-start FAIL ""
-    controllers_online
     for spec in $AGENTS; do
         names+=("${spec%%=*}")
         launch_vm "${spec%%=*}" "${spec#*=}" vfmap.bench=1

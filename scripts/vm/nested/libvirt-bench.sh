@@ -21,9 +21,8 @@ VF=0000:01:00.2
 ms() { echo "$1 $2" | awk '{printf "%.0f", ($2 - $1) * 1000}'; }
 baseline_count() { awk '/^VFMAP-BASELINE-BOUND/ { n++ } END { print n + 0 }' "$W/inner.console"; }
 
-step "starting the daemon, the VFs' controllers, libvirtd and the domain (baseline watcher on pci.5, 00:01.4)"
+step "starting the daemon (the VFs' controllers by its bring_up hook), libvirtd and the domain (baseline watcher on pci.5, 00:01.4)"
 start_daemon || check daemon-start FAIL ""
-controllers_online
 libvirt_setup
 start_libvirtd || check libvirtd FAIL "$(tail -5 "$W/libvirtd.log")"
 start_domain "vfmap.baseline=1 vfmap.baseline_port=0000:00:01.4"

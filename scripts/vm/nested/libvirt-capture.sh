@@ -16,9 +16,8 @@ dump() { # dump NAME: the live XML between markers
     echo "VFMAP-XML-END $1"
 }
 
-step "starting vfmap serve (creates the VFs, binds them to vfio-pci)"
+step "starting vfmap serve (creates the VFs, brings them up with the card's bring_up hook, binds them to vfio-pci)"
 start_daemon && check daemon-start ok "" || check daemon-start FAIL "see $W/daemon.log"
-controllers_online
 step "starting libvirtd"
 libvirt_setup
 start_libvirtd && check libvirtd ok "" || check libvirtd FAIL "$(tail -5 "$W/libvirtd.log")"

@@ -42,13 +42,11 @@ agree() { # agree CHECK: vfmap status, the live XML and the guest hold the same 
 # The periodic check (which also notices stopped and undefined domains) every 2 s, not 30.
 echo "reconcile_interval_ms = 2000" >> "$W/vfmap.toml"
 
-step "starting vfmap serve on this kernel's /sys (creates the VFs, binds them to vfio-pci)"
+step "starting vfmap serve on this kernel's /sys (creates the VFs, runs the card's bring_up hook on each, binds them to vfio-pci)"
 start_daemon && check daemon-start ok "" || check daemon-start FAIL "see $W/daemon.log"
 for vf in 0000:01:00.1 0000:01:00.2 0000:01:00.3; do
     d=$(host_driver $vf); [ "$d" = vfio-pci ] && check host-bound-$vf ok "$d" || check host-bound-$vf FAIL "driver '$d'"
 done
-step "bringing the emulated VFs' NVMe secondary controllers online (card-specific, nvme-cli)"
-controllers_online
 
 step "starting libvirtd (Debian's libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon 2> /dev/null))"
 libvirt_setup

@@ -17,15 +17,22 @@ REPO=$1
 trap 'error_at="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 trap report_unfinished EXIT
 
-step "starting vfmap serve on this kernel's /sys (creates the VFs, binds them to vfio-pci)"
+step "starting vfmap serve on this kernel's /sys (creates the VFs, runs the card's bring_up hook on each, binds them to vfio-pci)"
 start_daemon && check daemon-start ok "" || check daemon-start FAIL "see $W/daemon.log"
 vfmap inventory && check inventory ok "" || check inventory FAIL "vfmap inventory failed"
 for vf in 0000:01:00.1 0000:01:00.2 0000:01:00.3; do
     d=$(host_driver $vf); [ "$d" = vfio-pci ] && check host-bound-$vf ok "$d" || check host-bound-$vf FAIL "driver '$d'"
 done
-
-step "bringing the emulated VFs' NVMe secondary controllers online (card-specific, nvme-cli)"
-controllers_online
+# The profile's bring_up hook (examples/hooks/nvme-bring-up) ran in the daemon's prepare, once
+# per VF, before the binds: each VF's NVMe secondary controller is online (the guest's nvme
+# driver needs it). Its last word per VF, from the daemon's log: "online" or "already online".
+for vf in 0000:01:00.1 0000:01:00.2 0000:01:00.3; do
+    said=$(grep -a "hook: nvme-bring-up: .* card=qemu-nvme-sriov phase=bring_up vf=$vf\$" "$W/daemon.log" |
+        tail -n 1 | sed 's/.*hook: nvme-bring-up: [^)]*): //; s/ card=.*//') || :
+    n=$(bring_ups $vf)
+    [ "$n" = 1 ] && check bring-up-$vf ok "hook ran once: $said" ||
+        check bring-up-$vf FAIL "$n bring_up runs logged; $(grep -a "phase=bring_up vf=$vf" "$W/daemon.log" | tail -n 2)"
+done
 
 step "starting the VM (4 empty root ports, QMP, virtio-serial channel, vfmap-agent inside)"
 start_vm
@@ -93,6 +100,12 @@ else
     wait "$DAEMON" 2> /dev/null || :
 fi
 start_daemon && check restart ok "" || check restart FAIL ""
+# Each start ran the bring_up hook again (3 starts: the first, the failpoint's, this one) on VFs
+# already up, some held by the VM: the hook must see them online and leave them alone.
+runs="$(bring_ups 0000:01:00.1) $(bring_ups 0000:01:00.2) $(bring_ups 0000:01:00.3)"
+again=$(grep -ac "hook: nvme-bring-up: .*: already online card=qemu-nvme-sriov phase=bring_up" "$W/daemon.log") || :
+[ "$runs" = "3 3 3" ] && check bring-up-again ok "3 runs per VF, one per start; 'already online' $again times" ||
+    check bring-up-again FAIL "runs per VF: $runs; $(grep -a "phase=bring_up" "$W/daemon.log" | tail -n 3)"
 held=$(status_devices) || held="(vfmap status failed)"
 plugged=$(qmp_devices) || plugged="(query-pci failed)"
 [ "$held" = "$plugged" ] && check recovered-vs-qemu ok "[$held]" || check recovered-vs-qemu FAIL "status [$held] query-pci [$plugged]"
