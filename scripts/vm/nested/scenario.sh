@@ -2,8 +2,9 @@
 # The end-to-end scenario, run inside the outer (host-role) guest under chroot of this machine's
 # root: a real kernel owns an SR-IOV PF with real VFs; the real vfmap daemon creates them and
 # binds them to vfio-pci; a real inner VM gets one VF per function over QMP; the real agent in
-# it binds three different drivers to three same-ID VFs. Then a detach, and a kill -9 of the
-# daemon in the middle of an attach.
+# it binds three different drivers to three same-ID VFs. Then a detach (with the scrub's check
+# of the real VF's config space), a VF re-programmed at run time into another function and
+# attached as it, and a kill -9 of the daemon in the middle of an attach.
 #
 # Output for people: "VFMAP-STEP <seconds> <what>" progress lines and the final table.
 # Output for the test: "VFMAP-CHECK <name> ok|FAIL <detail>" lines and "VFMAP-RESULT PASS|FAIL".
@@ -16,6 +17,21 @@ REPO=$1
 . "$REPO/scripts/vm/nested/lib.sh"
 trap 'error_at="${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 trap report_unfinished EXIT
+
+# Re-programming at run time (issue 15): this scenario's card may turn its crypto VF into a
+# compress VF and back through a `program` hook. QEMU's NVMe VFs carry no function a hook could
+# switch, so this hook stands in for a card's (a QAT service switch, an FPGA bitstream): it
+# records the switch in $W/programmed.log, which the checks read. Its environment is cleared,
+# so it finds the log from its own path.
+cat > "$HOOKS/program-record" <<'SH'
+#!/bin/sh
+set -eu
+echo "$VFMAP_VF $VFMAP_FROM_FUNCTION -> $VFMAP_FUNCTION" >> "$(dirname "$0")/../programmed.log"
+SH
+chmod 0755 "$HOOKS/program-record"
+sed -i -e "/^bring_up = /a program = \"$HOOKS/program-record\"" \
+    -e '/^vfs = "1"$/a programmable_to = ["compress"]' \
+    -e '/^vfs = "2"$/a programmable_to = ["crypto"]' "$W/profiles.toml"
 
 step "starting vfmap serve on this kernel's /sys (creates the VFs, runs the card's bring_up hook on each, binds them to vfio-pci)"
 start_daemon && check daemon-start ok "" || check daemon-start FAIL "see $W/daemon.log"
@@ -81,6 +97,39 @@ else
     check detach-pool FAIL "not free: ${inventory:-vfmap inventory failed}"
 fi
 grep -q "VF reset vf=0000:01:00.2" "$W/daemon.log" && check detach-reset ok "reset through sysfs" || check detach-reset FAIL "no reset logged"
+# The scrub (issue 15): after the reset the daemon checked the real VF's config space and
+# found it reset (nothing quarantined); read here from the host's sysfs, bus master is off.
+quarantine=$(vfmap --json quarantine) || quarantine="(vfmap quarantine failed)"
+command=$(od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:01:00.2/config | tr -d ' \n')
+if jq -e '.vfs == []' <<< "$quarantine" > /dev/null 2>&1 && [ $((0x${command:-ffff} & 4)) = 0 ]; then
+    check detach-scrub ok "config space reset (command register 0x$command), nothing quarantined"
+else
+    check detach-scrub FAIL "command register 0x$command; quarantine: $quarantine"
+fi
+
+step "re-programming at run time: compress asked for while the only compress VF is held"
+gi=$(vfmap --json inventory | jq -r '.vfs[] | select(.location == "0000:01:00.2") | .global_index') || gi=""
+if out=$(vfmap --json attach inner compress 2> "$W/attach.err") &&
+    jq -e '.attached[0].host_vf == "0000:01:00.2" and .attached[0].function == "compress"
+        and .attached[0].bound_driver == "uio_pci_generic"' <<< "$out" > /dev/null; then
+    check program-attach ok "the crypto VF re-programmed ($(tr '\n' ' ' < "$W/programmed.log")), attached as compress"
+else
+    check program-attach FAIL "${out:-} $(cat "$W/attach.err") hook log: $(cat "$W/programmed.log" 2> /dev/null)"
+fi
+if wait_guest 60 0000:01:00.0=nvme 0000:02:00.0=uio_pci_generic 0000:03:00.0=uio_pci_generic; then
+    check program-guest ok "the guest bound the new function's driver: $(guest_drivers | tr '\n' ' ')"
+else
+    check program-guest FAIL "$(guest_drivers | tr '\n' ' ')"
+fi
+step "and back: detach it, re-program it into crypto"
+vfmap detach inner 1 > /dev/null && check program-detach ok "" || check program-detach FAIL ""
+if out=$(vfmap --json program "$gi" crypto) && jq -e '.from == "compress" and .to == "crypto"' <<< "$out" > /dev/null &&
+    [ "$(vfmap --json inventory | jq -r --arg gi "$gi" '.vfs[] | select(.global_index == ($gi | tonumber)) | .function')" = crypto ]; then
+    check program-back ok "VF $gi carries crypto again"
+else
+    check program-back FAIL "${out:-vfmap program failed}"
+fi
+wait_guest 60 0000:01:00.0=nvme 0000:03:00.0=uio_pci_generic || check program-detach-guest FAIL "$(guest_drivers | tr '\n' ' ')"
 
 step "kill -9 of the daemon in the middle of an attach, then restart"
 kill -9 "$DAEMON" || check daemon-alive FAIL "the daemon had stopped by itself"
