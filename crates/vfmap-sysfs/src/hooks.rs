@@ -23,7 +23,8 @@
 //! | `VFMAP_PF`            | the PF's address, e.g. `0000:3b:00.0`                            |
 //! | `VFMAP_VF`            | the VF's address, e.g. `0000:3b:00.2` (VF phases only)           |
 //! | `VFMAP_VF_NUMBER`     | the VF's number on its PF, decimal from 0 (VF phases only)       |
-//! | `VFMAP_FUNCTION`      | `program`: the function wanted; `scrub`: the VF's function       |
+//! | `VFMAP_FUNCTION`      | `program`: the function wanted; `scrub`, `bring_up`: the VF's    |
+//! |                       | function (for `bring_up`, when the profile gives it one)         |
 //! | `VFMAP_FROM_FUNCTION` | `program`: the function the VF carried until now                 |
 //! | `VFMAP_SYSFS_ROOT`    | the sysfs root vfmap works under (normally `/sys`)               |
 //!
@@ -134,7 +135,8 @@ pub struct Invocation<'a> {
     pub vf: Option<Bdf>,
     /// The VF's number on its PF (`VFMAP_VF_NUMBER`).
     pub vf_number: Option<u16>,
-    /// `program`: the function wanted; `scrub`: the VF's function (`VFMAP_FUNCTION`).
+    /// `program`: the function wanted; `scrub`, `bring_up`: the VF's function
+    /// (`VFMAP_FUNCTION`).
     pub function: Option<&'a str>,
     /// `program`: the function the VF carried until now (`VFMAP_FROM_FUNCTION`).
     pub from_function: Option<&'a str>,
