@@ -490,6 +490,11 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
     // Cached statements: the writer runs the same few statements thousands of times.
     let run =
         |sql: &str, values: &[&dyn rusqlite::ToSql]| conn.prepare_cached(sql)?.execute(values);
+    // A change that names the row it expects (its state, its holder) must find exactly it.
+    let exactly_one = |sql: &str, values: &[&dyn rusqlite::ToSql]| match run(sql, values)? {
+        1 => Ok(()),
+        _ => Err(rusqlite::Error::QueryReturnedNoRows),
+    };
     match mutation {
         Mutation::Pool(Change::AddVm(spec)) => {
             let json = serde_json::to_string(spec)
@@ -525,26 +530,20 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             from,
             state,
         }) => {
-            let n = run(
+            exactly_one(
                 "UPDATE assignments SET state = ?2 WHERE global_index = ?1 AND state = ?3 AND consumer = 'vm'",
                 params![global_index.get(), state.as_str(), from.as_str()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::Free {
             global_index,
             vm,
             local_index,
         }) => {
-            let n = run(
+            exactly_one(
                 "DELETE FROM assignments WHERE global_index = ?1 AND vm = ?2 AND local_index = ?3",
                 params![global_index.get(), vm.as_str(), local_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::KubeletReserve(holds)) => {
             for h in holds {
@@ -575,31 +574,22 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         }) => {
             let owner = serde_json::to_string(owner)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            let n = run(
+            exactly_one(
                 "UPDATE assignments SET owner = ?2 WHERE global_index = ?1 AND consumer = 'kubelet' AND state = 'held'",
                 params![global_index.get(), owner],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::KubeletReleasing { global_index }) => {
-            let n = run(
+            exactly_one(
                 "UPDATE assignments SET state = 'releasing' WHERE global_index = ?1 AND consumer = 'kubelet' AND state = 'held'",
                 params![global_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::KubeletFree { global_index }) => {
-            let n = run(
+            exactly_one(
                 "DELETE FROM assignments WHERE global_index = ?1 AND consumer = 'kubelet'",
                 params![global_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::Quarantine(q)) => {
             run(
@@ -613,13 +603,10 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             )?;
         }
         Mutation::Pool(Change::ClearQuarantine { global_index }) => {
-            let n = run(
+            exactly_one(
                 "DELETE FROM quarantine WHERE global_index = ?1",
                 params![global_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Pool(Change::ProgramStart(p)) => {
             run(
@@ -638,13 +625,10 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
             function,
             ..
         }) => {
-            let n = run(
+            exactly_one(
                 "DELETE FROM programming WHERE global_index = ?1",
                 params![global_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
             run(
                 "INSERT INTO functions (global_index, location, function)
                  SELECT global_index, location, ?2 FROM vfs WHERE global_index = ?1
@@ -654,13 +638,10 @@ fn apply(conn: &Connection, mutation: &Mutation) -> Result<(), rusqlite::Error> 
         }
         // The VF keeps the function it had (and goes to quarantine in the same commit).
         Mutation::Pool(Change::ProgramAbandoned { global_index }) => {
-            let n = run(
+            exactly_one(
                 "DELETE FROM programming WHERE global_index = ?1",
                 params![global_index.get()],
             )?;
-            if n != 1 {
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
         Mutation::Detail(global_index, d) => {
             run(
