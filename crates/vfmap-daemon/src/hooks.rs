@@ -12,7 +12,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 use vfmap_core::profile::{Card, HookPhase};
 use vfmap_core::{Bdf, FunctionName, Profiles, Tables};
-use vfmap_sysfs::hooks::{HookError, Invocation, run_hook};
+use vfmap_sysfs::hooks::{HookError, HookOutput, Invocation, run_hook};
 
 use crate::metrics::Metrics;
 
@@ -123,19 +123,28 @@ impl CardHooks {
             sysfs_root: &self.sysfs_root,
             deadline,
         };
-        let started = Instant::now();
-        let result = run_hook(&invocation);
-        let took = started.elapsed();
-        self.metrics.hook_ran(phase.as_str(), result.is_ok(), took);
-        match &result {
-            Ok(output) => {
-                for line in &output.stderr_tail {
-                    info!(card = %card.name, phase = %phase, vf = %vf, "hook: {line}");
-                }
-                info!(card = %card.name, phase = %phase, vf = %vf, ms = took.as_millis() as u64, "hook done");
-            }
-            Err(e) => warn!(card = %card.name, phase = %phase, vf = %vf, error = %e, "hook failed"),
-        }
-        result.map(|_| true)
+        run_logged(&self.metrics, &invocation).map(|_| true)
     }
+}
+
+/// Runs a hook: its stderr lines and how it ended go to the log (with the card, phase and VF
+/// or PF), its duration to `vfmap_hook_duration_seconds`. Every hook the daemon runs goes
+/// through here (prepare's `bring_up`, the start's `discover`, `program` and `scrub`).
+pub fn run_logged(metrics: &Metrics, inv: &Invocation<'_>) -> Result<HookOutput, HookError> {
+    let started = Instant::now();
+    let result = run_hook(inv);
+    let took = started.elapsed();
+    metrics.hook_ran(inv.phase.as_str(), result.is_ok(), took);
+    let (card, phase) = (inv.card, inv.phase);
+    let place = inv.vf.unwrap_or(inv.pf);
+    match &result {
+        Ok(output) => {
+            for line in &output.stderr_tail {
+                info!(card = %card, phase = %phase, vf = %place, "hook: {line}");
+            }
+            info!(card = %card, phase = %phase, vf = %place, ms = took.as_millis() as u64, "hook done");
+        }
+        Err(e) => warn!(card = %card, phase = %phase, vf = %place, error = %e, "hook failed"),
+    }
+    result
 }

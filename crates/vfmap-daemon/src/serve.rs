@@ -344,23 +344,8 @@ async fn start(
     let prepare_metrics = metrics.clone();
     let report = blocking(move || {
         // The bring_up hooks prepare runs, VF by VF before the binds: logged and timed.
-        let hooks = |inv: &vfmap_sysfs::Invocation<'_>| {
-            let started = std::time::Instant::now();
-            let result = vfmap_sysfs::run_hook(inv);
-            let took = started.elapsed();
-            prepare_metrics.hook_ran(inv.phase.as_str(), result.is_ok(), took);
-            let vf = inv.vf.map(|vf| vf.to_string()).unwrap_or_default();
-            match &result {
-                Ok(out) => {
-                    for line in &out.stderr_tail {
-                        info!(card = %inv.card, phase = %inv.phase, vf = %vf, "hook: {line}");
-                    }
-                    info!(card = %inv.card, phase = %inv.phase, vf = %vf, ms = took.as_millis() as u64, "hook done");
-                }
-                Err(e) => tracing::warn!(card = %inv.card, phase = %inv.phase, vf = %vf, error = %e, "hook failed"),
-            }
-            result
-        };
+        let hooks =
+            |inv: &vfmap_sysfs::Invocation<'_>| crate::hooks::run_logged(&prepare_metrics, inv);
         vfmap_sysfs::prepare_with_hooks(
             &scanned,
             &profiles,
@@ -384,20 +369,11 @@ async fn start(
     // The cards' discover hooks, checked against the profile: disagreements are problems.
     let mut tables = tables;
     let runs = blocking(|| {
-        let run = |inv: &vfmap_sysfs::Invocation<'_>| {
-            let started = std::time::Instant::now();
-            let result = vfmap_sysfs::run_hook(inv);
-            metrics.hook_ran(inv.phase.as_str(), result.is_ok(), started.elapsed());
-            result
-        };
+        let run = |inv: &vfmap_sysfs::Invocation<'_>| crate::hooks::run_logged(&metrics, inv);
         vfmap_sysfs::discover_runs(&config.sysfs_root, &profiles_for_hooks, &tables, &run)
     })
     .await;
     for run in &runs {
-        for line in &run.stderr_tail {
-            info!(card = %run.card, phase = "discover", pf = %run.pf, "hook: {line}");
-        }
-        info!(card = %run.card, phase = "discover", pf = %run.pf, ms = run.duration.as_millis() as u64, agrees = run.agrees(), "hook done");
         tables.problems.extend(run.problems());
     }
     for problem in &tables.problems {
