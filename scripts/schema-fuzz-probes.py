@@ -21,7 +21,7 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 # Segments that are not UTF-8 once percent-decoded: a lone byte, a broken sequence, a surrogate.
 UNDECODABLE = ["%FF", "%C3%28", "%ED%A0%80"]
 # Values for the path parameters when they are not the probe's subject: a VM the script made.
-GOOD = {"name": "web", "local_index": "0"}
+GOOD = {"name": "web", "local_index": "0", "global_index": "999"}
 
 
 def send(sock_path, method, path, headers=(), body=b""):

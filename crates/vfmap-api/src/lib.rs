@@ -281,9 +281,8 @@ pub struct QuarantineList {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClearQuarantine {
-    /// Return the VF to the pool without scrubbing it again first (by default the clear runs
-    /// the scrub again and is refused, `still_dirty`, when it fails).
-    #[serde(default)]
+    /// Return the VF to the pool without scrubbing it again first. `false`: the clear runs
+    /// the scrub again and is refused, `still_dirty`, when it fails.
     pub force: bool,
 }
 
@@ -622,6 +621,8 @@ error_codes! {
     Conflict = "conflict", 409;
     /// No quarantined VF has that global index.
     NotQuarantined = "not_quarantined", 404;
+    /// No VF has that global index.
+    UnknownVf = "unknown_vf", 404;
     /// The VF's card's profile does not let its function become the one asked for.
     NotProgrammable = "not_programmable", 409;
     /// The card's `program` hook failed; the VF is quarantined.

@@ -430,6 +430,17 @@ pub enum PoolError {
     /// No re-programming of the VF is in progress.
     #[error("VF {0} is not being re-programmed")]
     NotProgramming(GlobalIndex),
+    /// No VF has this global index.
+    #[error("no VF has global index {0}")]
+    UnknownVf(GlobalIndex),
+    /// The VF's function does not allow the change: it carries none, or already the one asked.
+    #[error("VF {vf} {problem}")]
+    FunctionConflict {
+        /// The VF.
+        vf: Bdf,
+        /// What is in the way, e.g. `already carries compress`.
+        problem: String,
+    },
 }
 
 /// A validated change, to persist and then apply.

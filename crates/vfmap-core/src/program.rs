@@ -45,9 +45,7 @@ impl Pool {
 
     /// Validates starting to re-program free VF `index` into `to`.
     pub fn plan_program(&self, index: GlobalIndex, to: &FunctionName) -> Result<Change, PoolError> {
-        let vf = self
-            .vf(index)
-            .ok_or_else(|| PoolError::InvalidRequest(format!("no VF {index}")))?;
+        let vf = self.vf(index).ok_or(PoolError::UnknownVf(index))?;
         let taken = |by: String| PoolError::Taken {
             vf: vf.location,
             by,
@@ -64,16 +62,16 @@ impl Pool {
             }
         }
         let Some(from) = vf.function.clone() else {
-            return Err(PoolError::InvalidRequest(format!(
-                "VF {} carries no function to re-program",
-                vf.location
-            )));
+            return Err(PoolError::FunctionConflict {
+                vf: vf.location,
+                problem: "carries no function to re-program".into(),
+            });
         };
         if &from == to {
-            return Err(PoolError::InvalidRequest(format!(
-                "VF {} already carries {to}",
-                vf.location
-            )));
+            return Err(PoolError::FunctionConflict {
+                vf: vf.location,
+                problem: format!("already carries {to}"),
+            });
         }
         Ok(Change::ProgramStart(Programming {
             global_index: index,

@@ -105,9 +105,12 @@ fn a_held_vf_or_one_already_carrying_the_function_is_refused() {
     ));
     assert!(matches!(
         pool.plan_program(g(1), &f("crypto")),
-        Err(PoolError::InvalidRequest(m)) if m.contains("already carries crypto")
+        Err(PoolError::FunctionConflict { problem, .. }) if problem == "already carries crypto"
     ));
-    assert!(pool.plan_program(g(9), &f("crypto")).is_err());
+    assert_eq!(
+        pool.plan_program(g(9), &f("crypto")),
+        Err(PoolError::UnknownVf(g(9)))
+    );
 }
 
 #[test]

@@ -95,7 +95,10 @@ pub fn status_of(error: &EngineError) -> ErrorCode {
             | PoolError::NotAssigned(_)
             | PoolError::Taken { .. } => ErrorCode::Conflict,
             PoolError::NotQuarantined(_) => ErrorCode::NotQuarantined,
-            PoolError::NotProgramming(_) => ErrorCode::Conflict,
+            PoolError::NotProgramming(_) | PoolError::FunctionConflict { .. } => {
+                ErrorCode::Conflict
+            }
+            PoolError::UnknownVf(_) => ErrorCode::UnknownVf,
         },
         EngineError::StillDirty { .. } => ErrorCode::StillDirty,
         EngineError::NotProgrammable { .. } => ErrorCode::NotProgrammable,
@@ -601,9 +604,9 @@ async fn clear_quarantine(
     responses(
         (status = 200, description = "The VF carries the new function", body = Programmed),
         (status = 400, response = BadRequest),
-        (status = 404, description = "`unknown_function`", body = ErrorBody),
+        (status = 404, description = "`unknown_vf` (no VF has that global index), `unknown_function`", body = ErrorBody),
         (status = 405, response = MethodNotAllowed),
-        (status = 409, description = "`not_programmable`: the profile does not allow it; `conflict`: the VF is held", body = ErrorBody),
+        (status = 409, description = "`not_programmable`: the profile does not allow it; `conflict`: the VF is held, carries no function or already this one", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 500, response = StateError),

@@ -35,10 +35,14 @@ impl Engine {
             let vf = state
                 .pool
                 .vf(global_index)
-                .ok_or_else(|| PoolError::InvalidRequest(format!("no VF {global_index}")))?;
-            let from = vf.function.clone().ok_or_else(|| {
-                PoolError::InvalidRequest(format!("VF {} carries no function", vf.location))
-            })?;
+                .ok_or(PoolError::UnknownVf(global_index))?;
+            let from = vf
+                .function
+                .clone()
+                .ok_or_else(|| PoolError::FunctionConflict {
+                    vf: vf.location,
+                    problem: "carries no function to re-program".into(),
+                })?;
             (vf.location, from)
         };
         let drivers = self
