@@ -55,10 +55,17 @@ impl Engine {
         request: Request,
     ) -> Result<Vec<vfmap_api::CorrespondenceRow>, EngineError> {
         let spec = self.vm_spec(request.vm.as_str())?;
-        self.program_for(&request).await?;
-        let mutations = self
-            .commit(|s| Ok(vec![Mutation::Pool(s.pool.plan_reserve(&request)?)]))
-            .await?;
+        let reserve = |s: &State| Ok(vec![Mutation::Pool(s.pool.plan_reserve(&request)?)]);
+        // Too few free VFs of the function: re-program free ones of others (when the profile
+        // allows it), then try again. Only then: the common attach pays nothing for it.
+        let mutations = match self.commit(reserve).await {
+            Err(EngineError::Pool(PoolError::NoFreeVf { .. }))
+                if self.program_for(&request).await? =>
+            {
+                self.commit(reserve).await?
+            }
+            reserved => reserved?,
+        };
         let reserved: Vec<Assignment> = match mutations.first() {
             Some(Mutation::Pool(Change::Reserve(a))) => a.clone(),
             _ => Vec::new(),

@@ -121,13 +121,13 @@ impl Engine {
         }
     }
 
-    /// Before an attach: when fewer free VFs of the function match the request than it asks
-    /// for, re-programs free VFs of other functions that the profile allows into it (lowest
-    /// global index first), as many as are missing. Too few of those: nothing is done, and the
-    /// reservation says how many are free.
-    pub(super) async fn program_for(&self, request: &Request) -> Result<(), EngineError> {
+    /// For an attach whose reservation found too few free VFs of its function: re-programs
+    /// free VFs of other functions that the profile allows into it (lowest global index first),
+    /// as many as are missing. `Ok(false)` when there are too few of those: nothing is done,
+    /// and the reservation's error stands.
+    pub(super) async fn program_for(&self, request: &Request) -> Result<bool, EngineError> {
         let Ok(wanted) = FunctionName::new(&request.function) else {
-            return Ok(());
+            return Ok(false);
         };
         let candidates: Vec<(GlobalIndex, Bdf, FunctionName)> = {
             let state = self.lock();
@@ -143,7 +143,7 @@ impl Engine {
                 .count();
             let missing = (request.count as usize).saturating_sub(free);
             if missing == 0 {
-                return Ok(());
+                return Ok(false);
             }
             let candidates: Vec<_> = state
                 .pool
@@ -157,7 +157,7 @@ impl Engine {
                 .take(missing)
                 .collect();
             if candidates.len() < missing {
-                return Ok(());
+                return Ok(false);
             }
             candidates
         };
@@ -165,7 +165,7 @@ impl Engine {
             info!(vf = %location, from = %from, to = %wanted, vm = %request.vm, "re-programming for an attach");
             self.program(global_index, &wanted).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// After a restart: re-programmings a crash interrupted run their hook again (hooks are
