@@ -361,17 +361,9 @@ impl Engine {
             .functions
             .into_iter()
             .filter_map(|(gi, location, function)| {
-                let summary = functions.iter().find(|f| f.name == function);
                 let here = pool.vf(gi).is_some_and(|v| v.location == location);
-                match summary {
-                    Some(f) if here => Some((
-                        gi,
-                        function,
-                        vfmap_core::program::Drivers {
-                            host: f.host_driver.clone(),
-                            guest: f.guest_driver.clone(),
-                        },
-                    )),
+                match program::drivers_of(functions, &function) {
+                    Some(drivers) if here => Some((gi, function, drivers)),
                     _ => {
                         warn!(vf = %location, function = %function, "ignoring a stored re-programmed function (the VF or the function is gone); the profile's applies");
                         None

@@ -71,22 +71,6 @@ impl CardHooks {
         }
     }
 
-    /// Every hook file the cards name, with the card: to check at start-up.
-    pub fn files(&self) -> Vec<(&str, HookPhase, PathBuf)> {
-        let mut all = Vec::new();
-        for card in &self.cards {
-            let own = std::iter::once(&card.hooks).chain(card.functions.iter().map(|f| &f.hooks));
-            for hooks in own {
-                for phase in HookPhase::ALL {
-                    if let Some(path) = hooks.get(phase) {
-                        all.push((card.name.as_str(), phase, path.as_path().to_owned()));
-                    }
-                }
-            }
-        }
-        all
-    }
-
     /// Whether VF `vf`'s card lets a VF carrying `from` become `to` (`programmable_to`).
     pub fn may_program(&self, vf: Bdf, from: &FunctionName, to: &FunctionName) -> bool {
         self.vfs

@@ -25,8 +25,9 @@ use vfmap_core::{Bdf, Problem, Profiles, Tables};
 use crate::doctor::Check;
 use crate::hooks::{HookContext, HookError, HookOutput, Invocation};
 
-/// The attribute of the problems a `discover` check reports.
-pub const ATTRIBUTE: &str = "discover";
+/// The attribute of the problems a `discover` check reports (the same as reading T1 from the
+/// device reports).
+pub use vfmap_core::discovered_apply::ATTRIBUTE;
 
 /// How many PFs' hooks run at the same time.
 pub const PARALLEL: usize = 8;

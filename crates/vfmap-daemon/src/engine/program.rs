@@ -12,16 +12,24 @@ use vfmap_core::{FunctionName, HolderRef};
 
 use super::*;
 
+/// The drivers of a function, as the profiles define it (`functions`: the tables' summary).
+pub(super) fn drivers_of(
+    functions: &[FunctionSummary],
+    function: &FunctionName,
+) -> Option<Drivers> {
+    functions
+        .iter()
+        .find(|f| f.name == *function)
+        .map(|f| Drivers {
+            host: f.host_driver.clone(),
+            guest: f.guest_driver.clone(),
+        })
+}
+
 impl Engine {
     /// The drivers of a function, as the profiles define it.
     fn drivers_of(&self, function: &FunctionName) -> Option<Drivers> {
-        self.functions
-            .iter()
-            .find(|f| f.name == *function)
-            .map(|f| Drivers {
-                host: f.host_driver.clone(),
-                guest: f.guest_driver.clone(),
-            })
+        drivers_of(&self.functions, function)
     }
 
     /// Re-programs free VF `global_index` into `to`, through its card's `program` hook.
