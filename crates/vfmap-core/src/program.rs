@@ -152,18 +152,7 @@ impl Pool {
     pub fn restore_programming(&mut self, all: Vec<Programming>) -> Vec<(Programming, String)> {
         let mut rejected = Vec::new();
         for p in all {
-            let problem = match self.vf(p.global_index) {
-                None => Some(format!("VF {} is no longer on this host", p.location)),
-                Some(v) if v.location != p.location => Some(format!(
-                    "VF {} is no longer at global index {}",
-                    p.location, p.global_index
-                )),
-                Some(_) if self.holder(p.global_index) != HolderRef::Free => {
-                    Some("its VF is also held".to_owned())
-                }
-                Some(_) => None,
-            };
-            match problem {
+            match self.restore_clash(p.global_index, p.location) {
                 Some(why) => rejected.push((p, why)),
                 None => {
                     self.programming.insert(p.global_index, p);

@@ -95,18 +95,7 @@ impl Pool {
     pub fn restore_quarantine(&mut self, all: Vec<Quarantine>) -> Vec<(Quarantine, String)> {
         let mut rejected = Vec::new();
         for q in all {
-            let problem = match self.vf(q.global_index) {
-                None => Some(format!("VF {} is no longer on this host", q.location)),
-                Some(v) if v.location != q.location => Some(format!(
-                    "VF {} is no longer at global index {}",
-                    q.location, q.global_index
-                )),
-                Some(_) if self.holder(q.global_index) != HolderRef::Free => {
-                    Some("its VF is also held".to_owned())
-                }
-                Some(_) => None,
-            };
-            match problem {
+            match self.restore_clash(q.global_index, q.location) {
                 Some(p) => rejected.push((q, p)),
                 None => {
                     self.quarantine.insert(q.global_index, q);
@@ -114,6 +103,21 @@ impl Pool {
             }
         }
         rejected
+    }
+
+    /// Why a stored record of VF `index` at `location` (a quarantine, an interrupted
+    /// re-programming) cannot be restored: the VF is gone or moved, or something holds it.
+    pub(crate) fn restore_clash(&self, index: GlobalIndex, location: Bdf) -> Option<String> {
+        match self.vf(index) {
+            None => Some(format!("VF {location} is no longer on this host")),
+            Some(v) if v.location != location => Some(format!(
+                "VF {location} is no longer at global index {index}"
+            )),
+            Some(_) if self.holder(index) != HolderRef::Free => {
+                Some("its VF is also held".to_owned())
+            }
+            Some(_) => None,
+        }
     }
 
     pub(crate) fn apply_quarantine(&mut self, change: &Change) {
