@@ -22,6 +22,7 @@ pub mod program;
 pub mod protocol;
 pub mod quarantine;
 pub mod tables;
+pub mod vm;
 pub mod whole;
 
 pub use addr::{AddrError, AddrText, Bdf, PciId};
