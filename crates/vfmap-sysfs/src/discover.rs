@@ -1,20 +1,24 @@
 //! Discovery: SR-IOV PFs and their VFs, read from `<root>/bus/pci/devices`.
 
+mod bound;
+mod read;
+mod reader;
+
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rustix::fs::{CWD, Mode, OFlags, openat};
-use rustix::io::Errno;
+use rustix::fs::CWD;
 
 use vfmap_core::{Bdf, HostFacts, PciId, PfFacts, Problem, VfFacts};
 
 use crate::SysfsError;
+use bound::BoundDrivers;
+use read::{Link, list_dir, open_dir, open_path_dir, read_attr_at, read_link_name};
+use reader::{Base, DeviceReader, io_problem, problem};
 
 /// A sysfs tree: the real `/sys` or a copy or fixture under another directory.
 #[derive(Debug, Clone)]
@@ -113,7 +117,8 @@ impl Sysfs {
         }
 
         // Phase 2: each PF's VF links and everyone's attributes, one PF at a time per thread.
-        let mut pfs = read_pfs(&devices_fd, &found, self.threads);
+        let bound = BoundDrivers::read(&self.root);
+        let mut pfs = read_pfs(&found, bound.as_ref(), self.threads);
         let named: HashSet<Bdf> = pfs
             .iter()
             .flat_map(|(pf, _)| pf.vfs.iter().map(|vf| vf.location))
@@ -124,7 +129,7 @@ impl Sysfs {
             .filter_map(|location| find_pf(&devices_fd, &location.text(), &mut problems))
             .collect();
         if !late.is_empty() {
-            pfs.extend(read_pfs(&devices_fd, &late, self.threads));
+            pfs.extend(read_pfs(&late, bound.as_ref(), self.threads));
             pfs.sort_by_key(|(pf, _)| pf.location);
         }
         let mut facts = HostFacts {
@@ -141,19 +146,15 @@ impl Sysfs {
 
 /// Reads each PF (its VF links, then its and its VFs' attributes), spread over the cores.
 fn read_pfs(
-    devices: &OwnedFd,
     found: &[FoundPf],
+    bound: Option<&BoundDrivers>,
     threads: Option<usize>,
 ) -> Vec<(PfFacts, Vec<Problem>)> {
     parallel_map(found, threads, |pf, problems| {
         let name = pf.location.text();
         let vfs = read_vf_links(&pf.dir, &name, problems);
-        read_pf(
-            devices,
-            pf,
-            &vfs,
-            DeviceReader::new(&pf.dir, &name, problems),
-        )
+        let reader = DeviceReader::new(Base::Dir(&pf.dir), &name, problems);
+        read_pf(pf, &vfs, bound, reader)
     })
 }
 
@@ -240,10 +241,21 @@ fn probe_pf(devices: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Optio
     Some((location, total_vfs))
 }
 
+/// A VF named by its PF's `virtfnN` link.
+struct VfLink {
+    index: u16,
+    location: Bdf,
+    /// The link's target is `../<location>`, the kernel's layout (a VF's directory is its
+    /// PF's sibling, even on another bus number): the VF's directory is then opened from the
+    /// PF's parent in one lookup, not by following the link or the `bus/pci/devices` link
+    /// (seven path components on a real `/sys`), which was the costliest lookup per VF.
+    sibling: bool,
+}
+
 /// The PF's VFs from its `virtfnN` links, in index order; a link that is not one becomes a
 /// problem.
-fn read_vf_links(pf_dir: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Vec<(u16, Bdf)> {
-    let mut reader = DeviceReader::new(pf_dir, name, problems);
+fn read_vf_links(pf_dir: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> Vec<VfLink> {
+    let mut reader = DeviceReader::new(Base::Dir(pf_dir), name, problems);
     let mut indexes = Vec::new();
     match list_dir(pf_dir) {
         Ok(names) => {
@@ -263,11 +275,15 @@ fn read_vf_links(pf_dir: &OwnedFd, name: &str, problems: &mut Vec<Problem>) -> V
     let mut vfs = Vec::with_capacity(indexes.len());
     for index in indexes {
         let link = format!("virtfn{index}");
-        let Some(name) = reader.link_name(&link) else {
+        let Some(Link { name, sibling }) = reader.link(&link) else {
             continue;
         };
         match name.parse::<Bdf>() {
-            Ok(location) => vfs.push((index, location)),
+            Ok(location) => vfs.push(VfLink {
+                index,
+                location,
+                sibling,
+            }),
             Err(_) => reader.problem(
                 &link,
                 format!("points to {name:?}, which is not a PCI address"),
@@ -320,15 +336,15 @@ fn parallel_map<T: Sync, R: Send>(
 }
 
 fn read_pf(
-    devices: &OwnedFd,
     found: &FoundPf,
-    vf_links: &[(u16, Bdf)],
+    vf_links: &[VfLink],
+    bound: Option<&BoundDrivers>,
     mut reader: DeviceReader<'_>,
 ) -> PfFacts {
     let vendor = reader.attr::<PciId>("vendor");
     let device = reader.attr::<PciId>("device");
     let numa_node = reader.numa_node();
-    let driver = reader.link_name("driver");
+    let driver = reader.driver(bound, found.location);
     let num_vfs = reader.attr::<u16>("sriov_numvfs");
     // Kernels before 4.15 have no `sriov_vf_device`: then the VFs' own `device` says it.
     let mut vf_device = reader.optional_attr::<PciId>("sriov_vf_device");
@@ -336,20 +352,50 @@ fn read_pf(
 
     let mut vfs = Vec::with_capacity(vf_links.len());
     let mut own_ids: Vec<(PciId, Bdf)> = Vec::new();
-    for &(index, vf_location) in vf_links {
+    // The PF's parent directory, opened for the first VF that is its sibling.
+    let mut parent: Option<Option<OwnedFd>> = None;
+    for &VfLink {
+        index,
+        location: vf_location,
+        sibling,
+    } in vf_links
+    {
         let name = vf_location.text();
-        let vf_dir = match open_path_dir(devices, &*name) {
-            Ok(fd) => fd,
-            Err(e) => {
-                reader.io_problem(
-                    &format!("virtfn{index}"),
-                    &format!("points to {}, whose directory cannot be opened", &*name),
-                    e,
-                );
-                continue;
+        // A sibling VF is read under the parent, when its `numa_node` is there (nearly always;
+        // else its directory is opened to tell a missing attribute from a missing VF).
+        let mut numa_node = None;
+        let mut base = None;
+        if sibling
+            && let Some(parent) = parent
+                .get_or_insert_with(|| open_path_dir(&found.dir, "..").ok())
+                .as_ref()
+        {
+            let mut under = DeviceReader::new(Base::Parent(parent), &name, reader.problems);
+            if let Some(node) = under.numa_node_if_there() {
+                numa_node = Some(node);
+                base = Some(Base::Parent(parent));
             }
+        }
+        let vf_dir: OwnedFd;
+        let base = match base {
+            Some(base) => base,
+            None => match open_path_dir(&found.dir, format!("virtfn{index}")) {
+                Ok(fd) => {
+                    vf_dir = fd;
+                    Base::Dir(&vf_dir)
+                }
+                Err(e) => {
+                    reader.io_problem(
+                        &format!("virtfn{index}"),
+                        &format!("points to {}, whose directory cannot be opened", &*name),
+                        e,
+                    );
+                    continue;
+                }
+            },
         };
-        let mut vf_reader = DeviceReader::new(&vf_dir, &name, reader.problems);
+        let mut vf_reader = DeviceReader::new(base, &name, reader.problems);
+        let numa_node = numa_node.unwrap_or_else(|| vf_reader.numa_node());
         if vf_device.is_none() {
             let own = vf_reader
                 .text_or("device", || {
@@ -363,14 +409,14 @@ fn read_pf(
         vfs.push(VfFacts {
             location: vf_location,
             vf_index: index,
-            numa_node: vf_reader.numa_node(),
+            numa_node,
             iommu_group: vf_reader.link_name("iommu_group").and_then(|group| {
                 group.parse::<u32>().ok().or_else(|| {
                     vf_reader.problem("iommu_group", format!("{group:?} is not a group number"));
                     None
                 })
             }),
-            driver: vf_reader.link_name("driver"),
+            driver: vf_reader.driver(bound, vf_location),
             driver_override: vf_reader.driver_override(),
         });
     }
@@ -411,262 +457,4 @@ fn read_pf(
         drivers_autoprobe,
         vfs,
     }
-}
-
-/// Reads one device's attributes relative to its open directory (no path walk per read),
-/// turning every failure into a problem for that device.
-struct DeviceReader<'a> {
-    dir: &'a OwnedFd,
-    name: &'a str,
-    problems: &'a mut Vec<Problem>,
-}
-
-fn problem(device: &str, attribute: &str, message: String) -> Problem {
-    Problem::new(device, attribute, message)
-}
-
-/// A failed read or open: `what` and the OS's reason, marked when it is a permission refusal.
-fn io_problem(device: &str, attribute: &str, what: &str, error: io::Error) -> Problem {
-    let problem = problem(device, attribute, format!("{what}: {error}"));
-    if error.kind() == io::ErrorKind::PermissionDenied {
-        problem.denied()
-    } else {
-        problem
-    }
-}
-
-/// What an absent attribute that vfmap needs costs, and which kernels lack it.
-fn missing_message(attribute: &str) -> String {
-    let why = match attribute {
-        "vendor" | "device" => "the device's ID is unknown, so no card can match it",
-        "numa_node" => {
-            "the NUMA node is unknown (a kernel built without CONFIG_NUMA has no numa_node)"
-        }
-        "sriov_numvfs" => "how many VFs are enabled is unknown",
-        "sriov_drivers_autoprobe" => {
-            "`vfmap prepare` cannot keep host drivers off new VFs (kernels before 4.12 lack it)"
-        }
-        "driver_override" => {
-            "`vfmap prepare` cannot bind this VF to its host driver (kernels before 3.16 lack it)"
-        }
-        _ => return "missing".to_owned(),
-    };
-    format!("missing: {why}")
-}
-
-impl<'a> DeviceReader<'a> {
-    fn new(dir: &'a OwnedFd, name: &'a str, problems: &'a mut Vec<Problem>) -> DeviceReader<'a> {
-        DeviceReader {
-            dir,
-            name,
-            problems,
-        }
-    }
-
-    fn problem(&mut self, attribute: &str, message: String) {
-        self.problems.push(problem(self.name, attribute, message));
-    }
-
-    fn io_problem(&mut self, attribute: &str, what: &str, error: io::Error) {
-        self.problems
-            .push(io_problem(self.name, attribute, what, error));
-    }
-
-    /// `with` applied to the attribute's trimmed text. An attribute that does not exist is
-    /// `None`, plus a problem saying what its absence costs unless it is `optional`; one that
-    /// cannot be read is `None` plus a problem. The text is borrowed from a stack buffer: most
-    /// attributes are parsed, and allocating each cost more than reading it.
-    fn read<R>(
-        &mut self,
-        attribute: &str,
-        optional: bool,
-        missing: impl FnOnce() -> String,
-        with: impl FnOnce(&str) -> R,
-    ) -> Option<R> {
-        match read_attr_at(self.dir.as_fd(), attribute, with) {
-            Ok(Some(value)) => Some(value),
-            Ok(None) => {
-                if !optional {
-                    self.problem(attribute, missing());
-                }
-                None
-            }
-            Err(e) => {
-                self.io_problem(attribute, "cannot read", e);
-                None
-            }
-        }
-    }
-
-    /// An attribute vfmap needs, as text: `None` plus a problem when it is missing or
-    /// unreadable; `missing` says what its absence costs.
-    fn text_or(&mut self, attribute: &str, missing: impl FnOnce() -> String) -> Option<String> {
-        self.read(attribute, false, missing, str::to_owned)
-    }
-
-    /// `text` parsed, or `None` plus a problem when it is malformed.
-    fn parsed<T: FromStr>(&mut self, attribute: &str, text: Result<T, String>) -> Option<T> {
-        text.map_err(|text| self.problem(attribute, format!("malformed value {text:?}")))
-            .ok()
-    }
-
-    fn parse<T: FromStr>(&mut self, attribute: &str, text: String) -> Option<T> {
-        let parsed = text.parse().map_err(|_| text);
-        self.parsed(attribute, parsed)
-    }
-
-    /// A parsed attribute vfmap needs: `None` plus a problem when missing, unreadable or
-    /// malformed.
-    fn attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
-        let parsed = self.read(
-            attribute,
-            false,
-            || missing_message(attribute),
-            |text| text.parse::<T>().map_err(|_| text.to_owned()),
-        )?;
-        self.parsed(attribute, parsed)
-    }
-
-    /// A parsed attribute some kernels lack: a missing one is `None` without a problem.
-    fn optional_attr<T: FromStr>(&mut self, attribute: &str) -> Option<T> {
-        let parsed = self.read(attribute, true, String::new, |text| {
-            text.parse::<T>().map_err(|_| text.to_owned())
-        })?;
-        self.parsed(attribute, parsed)
-    }
-
-    fn numa_node(&mut self) -> Option<i32> {
-        self.attr::<i32>("numa_node").filter(|&node| node >= 0)
-    }
-
-    fn driver_override(&mut self) -> Option<String> {
-        self.read(
-            "driver_override",
-            false,
-            || missing_message("driver_override"),
-            |text| (!text.is_empty() && text != "(null)").then(|| text.to_owned()),
-        )
-        .flatten()
-    }
-
-    /// The last component of a symlink's target; `None` when absent.
-    fn link_name(&mut self, link: &str) -> Option<String> {
-        match read_link_name_at(self.dir, link) {
-            Ok(name) => name,
-            Err(e) => {
-                self.io_problem(link, "cannot read the link", e);
-                None
-            }
-        }
-    }
-}
-
-fn open_dir(base: impl AsFd, path: impl rustix::path::Arg) -> io::Result<OwnedFd> {
-    Ok(openat(
-        base,
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
-}
-
-/// A directory opened only to be a base for `openat`/`readlinkat` (`O_PATH`): cheaper than a
-/// full open, which also sets up reading the directory and tears it down at close.
-fn open_path_dir(base: impl AsFd, path: impl rustix::path::Arg) -> io::Result<OwnedFd> {
-    Ok(openat(
-        base,
-        path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
-}
-
-/// The names in a directory (without `.` and `..`).
-fn list_dir(dir: &OwnedFd) -> io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy();
-        if name != "." && name != ".." {
-            names.push(name.into_owned());
-        }
-    }
-    Ok(names)
-}
-
-/// Reads a small attribute in one `read`: sysfs hands over the whole attribute (at most a page)
-/// in the first read, and so does a small regular file (fixtures). `Ok(None)` when absent.
-fn read_attr_at<R>(
-    dir: BorrowedFd<'_>,
-    attribute: &str,
-    with: impl FnOnce(&str) -> R,
-) -> io::Result<Option<R>> {
-    let fd = match openat(
-        dir,
-        attribute,
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    // A page and a byte: a sysfs attribute never fills it, so a full buffer means "not one".
-    // Uninitialized, because this runs a few times per VF and zeroing cost more than the read.
-    let mut buf = [MaybeUninit::<u8>::uninit(); 4097];
-    let (text, rest) = rustix::io::read(&fd, &mut buf)?;
-    if rest.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "longer than a sysfs attribute",
-        ));
-    }
-    let text = text.trim_ascii();
-    Ok(Some(match std::str::from_utf8(text) {
-        Ok(text) => with(text),
-        Err(_) => with(&String::from_utf8_lossy(text)),
-    }))
-}
-
-/// The file name a symlink points to: `Ok(None)` when the link does not exist.
-fn read_link_name_at(dir: impl AsFd, link: impl rustix::path::Arg) -> io::Result<Option<String>> {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
-    let target = match rustix::fs::readlinkat_raw(dir, link, &mut buf) {
-        Ok((target, rest)) if !rest.is_empty() => target,
-        // A full buffer may be a cut target: the link is longer than a path may be.
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the link's target is longer than a path",
-            ));
-        }
-        Err(Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    match target
-        .split(|&b| b == b'/')
-        .rfind(|part| !part.is_empty() && *part != b".")
-    {
-        Some(name) if name != b".." => Ok(Some(lossy_text(name))),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "target {} has no file name",
-                String::from_utf8_lossy(target)
-            ),
-        )),
-    }
-}
-
-/// Text from the kernel: UTF-8 in practice, so only odd bytes pay for the lossy copy.
-fn lossy_text(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-    }
-}
-
-/// The file name a symlink points to: `Ok(None)` when the link does not exist.
-fn read_link_name(path: &Path) -> io::Result<Option<String>> {
-    read_link_name_at(CWD, path)
 }

@@ -408,3 +408,83 @@ fn a_pf_at_a_place_another_pfs_layout_claims_is_still_found() {
         ]
     );
 }
+
+/// Every VF's (location, driver) as discovery reports it.
+fn vf_drivers(root: &std::path::Path) -> Vec<(String, Option<String>)> {
+    let facts = Sysfs::new(root).discover().unwrap();
+    assert!(facts.problems.is_empty(), "{:?}", facts.problems);
+    facts
+        .pfs
+        .iter()
+        .flat_map(|pf| &pf.vfs)
+        .map(|vf| (vf.location.to_string(), vf.driver.clone()))
+        .collect()
+}
+
+#[test]
+fn bindings_read_from_the_drivers_side_match_every_devices_own_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(4));
+    tree.link_driver(bdf("0000:3b:00.1"), "vfio-pci");
+    tree.link_driver(bdf("0000:3b:00.3"), "pci-stub");
+    let sysfs = Sysfs::new(dir.path());
+    let found = vf_drivers(dir.path());
+    let own_links: Vec<(String, Option<String>)> = found
+        .iter()
+        .map(|(vf, _)| (vf.clone(), sysfs.driver_of(bdf(vf)).unwrap()))
+        .collect();
+    assert_eq!(found, own_links);
+    assert_eq!(
+        found.iter().filter(|(_, d)| d.is_some()).count(),
+        2,
+        "{found:?}"
+    );
+    // Unbound again: gone from both sides.
+    tree.unlink_driver(bdf("0000:3b:00.1"), Some("vfio-pci"))
+        .unwrap();
+    assert_eq!(vf_drivers(dir.path())[0], ("0000:3b:00.1".into(), None));
+}
+
+#[test]
+fn a_tree_without_the_drivers_side_reads_each_devices_driver_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sys");
+    vfmap_testkit::copy_tree(&golden_fixture(), &root).unwrap();
+    let with_both = vf_drivers(&root);
+    for driver in fs::read_dir(root.join("bus/pci/drivers")).unwrap() {
+        for entry in fs::read_dir(driver.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_symlink() {
+                fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    assert_eq!(vf_drivers(&root), with_both);
+    assert_eq!(with_both[0].1.as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn a_vf_link_not_in_the_kernels_sibling_form_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = SysfsTree::new(dir.path());
+    tree.add_pf(&PfSpec::nvme("0000:3b:00.0", 8).with_vfs(2));
+    tree.link_driver(bdf("0000:3b:00.2"), "vfio-pci");
+    let before = Sysfs::new(dir.path()).discover().unwrap();
+    // The same VF, named by a longer path (through the PF's parent's own name).
+    let pf = tree.device_link(bdf("0000:3b:00.0"));
+    let parent = fs::canonicalize(&pf).unwrap();
+    let parent = parent
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    fs::remove_file(pf.join("virtfn1")).unwrap();
+    symlink(format!("../../{parent}/0000:3b:00.2"), pf.join("virtfn1")).unwrap();
+    let after = Sysfs::new(dir.path()).discover().unwrap();
+    assert!(after.problems.is_empty(), "{:?}", after.problems);
+    assert_eq!(after.pfs[0].vfs, before.pfs[0].vfs);
+    assert_eq!(after.pfs[0].vfs[1].driver.as_deref(), Some("vfio-pci"));
+}

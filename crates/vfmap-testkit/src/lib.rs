@@ -343,10 +343,13 @@ impl SysfsTree {
         bdf
     }
 
-    /// Removes a device (hot-unplug).
+    /// Removes a device (hot-unplug; the kernel unbinds it first).
     pub fn unplug(&self, bdf: Bdf) {
         let link = self.device_link(bdf);
         let dir = fs::canonicalize(&link).expect("device dir");
+        if fs::symlink_metadata(dir.join("driver")).is_ok() {
+            self.unlink_driver(bdf, None).expect("unbind before unplug");
+        }
         fs::remove_dir_all(dir).expect("remove device dir");
         fs::remove_file(link).expect("remove bus link");
     }
@@ -446,6 +449,10 @@ impl SysfsTree {
                 .parent()
                 .expect("PF has a parent")
                 .join(vf.to_string());
+            // The kernel unbinds a VF before removing it.
+            if fs::symlink_metadata(vf_dir.join("driver")).is_ok() {
+                self.unlink_driver(vf, None)?;
+            }
             fs::remove_dir_all(vf_dir)?;
             fs::remove_file(self.device_link(vf))?;
             fs::remove_file(pf_dir.join(format!("virtfn{i}")))?;
@@ -526,7 +533,8 @@ impl SysfsTree {
         dirs
     }
 
-    /// Points `bdf`'s `driver` link at `bus/pci/drivers/<driver>`.
+    /// Binds `bdf` to `driver` as the kernel shows it: `bdf`'s `driver` link to
+    /// `bus/pci/drivers/<driver>`, and that directory's `<bdf>` link back to the device.
     pub fn link_driver(&self, bdf: Bdf, driver: &str) {
         let dir = self.device_link(bdf);
         symlink(
@@ -534,6 +542,40 @@ impl SysfsTree {
             dir.join("driver"),
         )
         .expect("driver link");
+        let root = fs::canonicalize(&self.root).expect("tree root");
+        let device = fs::canonicalize(&dir).expect("device dir");
+        let rel = device.strip_prefix(&root).expect("device under the root");
+        let driver_dir = self.root.join("bus/pci/drivers").join(driver);
+        fs::create_dir_all(&driver_dir).expect("create driver dir");
+        symlink(
+            Path::new("../../../..").join(rel),
+            driver_dir.join(bdf.to_string()),
+        )
+        .expect("driver's device link");
+    }
+
+    /// Unbinds `bdf` as the kernel does: both links [`SysfsTree::link_driver`] makes. Fails
+    /// when `bdf` is bound to no driver or, with `only` set, to another one.
+    pub fn unlink_driver(&self, bdf: Bdf, only: Option<&str>) -> io::Result<()> {
+        let link = self.device_link(bdf).join("driver");
+        let target = fs::read_link(&link)?;
+        let driver = target.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if only.is_some_and(|only| only != driver) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "bound to another driver",
+            ));
+        }
+        let back = self
+            .root
+            .join("bus/pci/drivers")
+            .join(driver)
+            .join(bdf.to_string());
+        match fs::remove_file(back) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::remove_file(link)
     }
 
     /// Removes `bdf`'s IOMMU group link (vfio-pci will then refuse it).
@@ -764,13 +806,9 @@ impl SysfsWriter for FakeKernel {
             }
             ["bus", "pci", "drivers", driver, "unbind"] => {
                 let bdf: Bdf = value.parse().map_err(|_| invalid())?;
-                let link = self.tree.device_link(bdf).join("driver");
-                match fs::read_link(&link) {
-                    Ok(target) if target.file_name().and_then(|n| n.to_str()) == Some(driver) => {
-                        fs::remove_file(link)
-                    }
-                    _ => Err(kernel_error(io::ErrorKind::NotFound, "No such device")),
-                }
+                self.tree
+                    .unlink_driver(bdf, Some(driver))
+                    .map_err(|_| kernel_error(io::ErrorKind::NotFound, "No such device"))
             }
             ["bus", "pci", "drivers_probe"] => self.probe(value.parse().map_err(|_| invalid())?),
             _ => Err(kernel_error(

@@ -31,6 +31,12 @@ for link in /sys/bus/pci/devices/*; do
         if [ -L "$real/$l" ]; then ln -s "$(readlink "$real/$l")" "$out$real/$l"; fi
     done
 done
+# Each bound device's link in its driver's directory (the other side of its `driver` link).
+for l in /sys/bus/pci/drivers/*/????:??:??.?; do
+    [ -L "$l" ] || continue
+    mkdir -p "$out${l%/*}"
+    ln -s "$(readlink "$l")" "$out$l"
+done
 # git keeps no empty directory: mark the ones driver/iommu_group links point to.
 for d in /sys/bus/pci/drivers/* /sys/kernel/iommu_groups/*; do mkdir -p "$out$d"; : > "$out$d/.gitkeep"; done
 : > "$out/sys/bus/pci/drivers_probe"
