@@ -569,7 +569,7 @@ async fn list_quarantine(Ready(engine): Ready) -> Json<QuarantineList> {
         (status = 400, response = BadRequest),
         (status = 404, description = "`not_quarantined`: no quarantined VF has that global index", body = ErrorBody),
         (status = 405, response = MethodNotAllowed),
-        (status = 409, description = "`still_dirty`: the scrub failed again; the VF stays quarantined", body = ErrorBody),
+        (status = 409, description = "`still_dirty`: the scrub failed again; the VF stays quarantined. `conflict`: another clear of it runs now", body = ErrorBody),
         (status = 413, response = PayloadTooLarge),
         (status = 415, response = UnsupportedMediaType),
         (status = 500, response = StateError),

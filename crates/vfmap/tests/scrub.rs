@@ -119,10 +119,13 @@ fn the_card_s_scrub_hook_runs_with_the_contract_and_its_failure_quarantines() {
     let wipe = dir.join("wipe");
     let seen = dir.join("wipe.env");
     let fail = dir.join("wipe.fail");
+    let slow = dir.join("wipe.slow");
+    let started = dir.join("wipe.started");
     hook(
         &wipe,
         &format!(
             "env | grep ^VFMAP_ | sort > {seen:?}; echo \"phase $1\" >> {seen:?}\n\
+             if [ -e {slow:?} ]; then : > {started:?}; sleep 2; fi\n\
              if [ -e {fail:?} ]; then echo 'wipe: bad block 7' >&2; exit 3; fi"
         ),
     );
@@ -181,7 +184,29 @@ fn the_card_s_scrub_hook_runs_with_the_contract_and_its_failure_quarantines() {
         Some(3)
     );
     std::fs::remove_file(&fail).unwrap();
-    assert!(world.cli(&["quarantine", "clear", &index]).status.success());
+    // A second clear while the first one's wipe runs is a conflict, not a verdict on the VF;
+    // the first one returns it.
+    std::fs::write(&slow, "").unwrap();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| world.cli(&["quarantine", "clear", &index]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !started.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(started.exists(), "the first clear's wipe did not start");
+        let out = world.cli(&["--json", "quarantine", "clear", &index]);
+        assert_eq!(out.status.code(), Some(3), "a conflict is a refusal");
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["error"]["code"], "conflict", "{doc}");
+        let first = first.join().unwrap();
+        assert!(
+            first.status.success(),
+            "{}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+    });
+    std::fs::remove_file(&slow).unwrap();
+    assert!(quarantined(&world).is_empty());
     // A hook others may write is refused, not run: that is a failed scrub too.
     std::fs::set_permissions(&wipe, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::remove_file(&seen).unwrap();

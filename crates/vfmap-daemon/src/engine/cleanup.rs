@@ -88,7 +88,12 @@ fn vfmap_index(id: &str) -> Option<GlobalIndex> {
 impl Engine {
     /// Claims a VF for a release; `None` when another release of it runs now.
     pub(super) fn claim(&self, global_index: GlobalIndex) -> Option<Claim<'_>> {
-        self.lock().busy.insert(global_index).then_some(Claim {
+        // The state lock is released before a Claim can exist: a Claim refused while the
+        // lock was held (`then_some` builds its value eagerly) would be dropped under it,
+        // and its drop takes the lock (a deadlock of the whole daemon) and would free the
+        // other holder's claim.
+        let claimed = self.lock().busy.insert(global_index);
+        claimed.then(|| Claim {
             engine: self,
             global_index,
         })

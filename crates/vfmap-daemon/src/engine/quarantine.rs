@@ -36,11 +36,13 @@ impl Engine {
             .quarantine_of(global_index)
             .map(|q| q.location)
             .ok_or(PoolError::NotQuarantined(global_index))?;
+        // Another clear of it (or a release) runs now: a conflict, not a verdict on the VF.
         let Some(_claim) = self.claim(global_index) else {
-            return Err(EngineError::StillDirty {
+            return Err(PoolError::Taken {
                 vf: location,
-                reason: "another clear of it runs now".into(),
-            });
+                by: "another clear of it, running now".into(),
+            }
+            .into());
         };
         if !force {
             self.scrub(global_index, location)
