@@ -180,6 +180,19 @@ baseline_round() {
     done
 }
 
+# cli_round ROUND: what the reserve stage's CLI costs here, apart from the daemon's reservation:
+# the median of 5 runs each of `vfmap --version` (start a process of the binary, parse the
+# arguments) and `vfmap status inner` (that, plus a connection, an HTTP request and a read of
+# the state), one VFMAP-CLI row.
+cli_round() {
+    local r=$1 i t0 version=() status=()
+    for i in 1 2 3 4 5; do
+        t0=$(now); "$VFMAP" --version > /dev/null; version+=("$(ms "$t0" "$(now)")")
+        t0=$(now); vfmap status inner > /dev/null; status+=("$(ms "$t0" "$(now)")")
+    done
+    echo "VFMAP-CLI $r $(printf '%s\n' "${version[@]}" | sort -n | sed -n 3p) $(printf '%s\n' "${status[@]}" | sort -n | sed -n 3p)"
+}
+
 header() { echo "VFMAP-BENCH round tool total_ms reserve_ms host_bind_ms device_add_ms guest_sees_ms driver_bound_ms answer_ms channel_ms agent_publish_ms commit_ms"; }
 
 # bench_baseline: the default benchmark, vfmap's shapes against the bare baseline in one VM.
@@ -210,7 +223,9 @@ TOML
     # Warm-up (round w): the first attach after boot includes the channel's first
     # correspondence and the guest's first pci-stub probe.
     vfmap_round w inner vfmap-1 1
+    echo "VFMAP-CLI round version_ms status_ms"
     for r in $(seq "$ROUNDS"); do
+        cli_round "$r"
         for ((i = 0; i < ${#shapes[@]}; i++)); do
             case ${shapes[(i + r - 1) % ${#shapes[@]}]} in
                 vfmap-1) vfmap_round "$r" inner vfmap-1 1 ;;
