@@ -246,9 +246,10 @@ struct VfLink {
     index: u16,
     location: Bdf,
     /// The link's target is `../<location>`, the kernel's layout (a VF's directory is its
-    /// PF's sibling, even on another bus number): the VF's directory is then opened from the
-    /// PF's parent in one lookup, not by following the link or the `bus/pci/devices` link
-    /// (seven path components on a real `/sys`), which was the costliest lookup per VF.
+    /// PF's sibling, even on another bus number): the VF's attributes are then read as
+    /// `<location>/<attribute>` under the PF's parent, not through the link or the
+    /// `bus/pci/devices` link (seven path components on a real `/sys`), which was the
+    /// costliest lookup per VF.
     sibling: bool,
 }
 
@@ -363,26 +364,22 @@ fn read_pf(
         let name = vf_location.text();
         // A sibling VF is read under the parent, when its `numa_node` is there (nearly always;
         // else its directory is opened to tell a missing attribute from a missing VF).
-        let mut numa_node = None;
-        let mut base = None;
+        let mut under_parent = None;
         if sibling
             && let Some(parent) = parent
                 .get_or_insert_with(|| open_path_dir(&found.dir, "..").ok())
                 .as_ref()
         {
             let mut under = DeviceReader::new(Base::Parent(parent), &name, reader.problems);
-            if let Some(node) = under.numa_node_if_there() {
-                numa_node = Some(node);
-                base = Some(Base::Parent(parent));
-            }
+            under_parent = under.numa_node_if_there().map(|node| (parent, node));
         }
         let vf_dir: OwnedFd;
-        let base = match base {
-            Some(base) => base,
+        let (base, numa_node) = match under_parent {
+            Some((parent, node)) => (Base::Parent(parent), Some(node)),
             None => match open_path_dir(&found.dir, format!("virtfn{index}")) {
                 Ok(fd) => {
                     vf_dir = fd;
-                    Base::Dir(&vf_dir)
+                    (Base::Dir(&vf_dir), None)
                 }
                 Err(e) => {
                     reader.io_problem(
